@@ -1,0 +1,376 @@
+"""Pure tensor functions for the Stiefel manifold St(n, p) = {X ∈ R^{n×p} : XᵀX = I}.
+
+Every function is batched over leading dimensions and never forms an n×n matrix: the costly
+work is an n×p by p×p product or a p×p (2p×2p) factorization, O(np²) in all.
+
+Conventions
+- A *tall or square* matrix (n ≥ p) lives on St(n, p): orthonormal columns.
+- A *wide* matrix (n < p) means orthonormal rows; every function transposes it, works on the
+  tall form and transposes the result back.
+- Low-precision inputs (bf16/fp16) are computed in fp32 and cast back to the input dtype.
+
+This module is the one place where the manifold math lives; optimizers, manifolds, kernels and
+adapters call it.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "sym",
+    "skew",
+    "is_wide",
+    "gram_identity_gap",
+    "distance",
+    "proj_tangent",
+    "canonical_rgrad",
+    "egrad2rgrad",
+    "inner",
+    "transport",
+    "retract",
+    "retract_polar",
+    "retract_qr",
+    "retract_cayley",
+    "retract_exp",
+    "newton_schulz",
+    "retract_newton_schulz",
+    "project",
+    "landing_field",
+    "safe_step",
+    "random_point",
+    "RETRACTIONS",
+    "METRICS",
+]
+
+METRICS = ("euclidean", "canonical")
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def is_wide(x: Tensor) -> bool:
+    """True when the matrix has fewer rows than columns (orthonormal rows are meant)."""
+    return x.shape[-2] < x.shape[-1]
+
+
+def _mT(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.transpose(-1, -2)
+
+
+def _tall(n_matrix_args: int, returns_matrix: bool = True):
+    """Decorator: upcast low precision to fp32 and work on the tall form of the first argument.
+
+    The first ``n_matrix_args`` positional arguments are matrices of the same shape; when the
+    first is wide, all are transposed, and (if ``returns_matrix``) so is the result. Results
+    that are matrices are cast back to the input dtype.
+    """
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner_fn(*args, **kwargs):
+            x = args[0]
+            if x.dim() < 2:
+                raise ValueError(
+                    f"{fn.__name__}: expected a matrix or a batch of matrices, got a tensor of "
+                    f"shape {tuple(x.shape)}"
+                )
+            dtype = x.dtype
+            cdtype = _compute_dtype(dtype)
+            mats = [a if a is None else a.to(cdtype) for a in args[:n_matrix_args]]
+            wide = is_wide(x)
+            if wide:
+                mats = [_mT(a) for a in mats]
+            out = fn(*mats, *args[n_matrix_args:], **kwargs)
+            if not returns_matrix:
+                return out
+            if wide:
+                out = _mT(out)
+            return out.to(dtype)
+
+        return inner_fn
+
+    return wrap
+
+
+def sym(a: Tensor) -> Tensor:
+    """sym(A) = (A + Aᵀ)/2 over the last two dims."""
+    return 0.5 * (a + a.transpose(-1, -2))
+
+
+def skew(a: Tensor) -> Tensor:
+    """skew(A) = (A − Aᵀ)/2 over the last two dims."""
+    return 0.5 * (a - a.transpose(-1, -2))
+
+
+def _eye_like(g: Tensor) -> Tensor:
+    return torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+
+
+@_tall(1, returns_matrix=False)
+def gram_identity_gap(x: Tensor) -> Tensor:
+    """XᵀX − I (p×p, in the compute dtype), for tall X or the row form of a wide one."""
+    g = x.transpose(-1, -2) @ x
+    return g - _eye_like(g)
+
+
+def distance(x: Tensor) -> Tensor:
+    """Distance to the manifold d(X) = ‖XᵀX − I‖_F, one value per matrix (fp32 for low precision)."""
+    return torch.linalg.matrix_norm(gram_identity_gap(x))
+
+
+@_tall(2)
+def proj_tangent(x: Tensor, u: Tensor) -> Tensor:
+    """Euclidean-metric tangent projection P_X(U) = U − X sym(XᵀU)."""
+    return u - x @ sym(x.transpose(-1, -2) @ u)
+
+
+@_tall(2)
+def canonical_rgrad(x: Tensor, g: Tensor) -> Tensor:
+    """Canonical-metric Riemannian gradient G − X GᵀX."""
+    return g - x @ (g.transpose(-1, -2) @ x)
+
+
+def egrad2rgrad(x: Tensor, g: Tensor, metric: str = "euclidean") -> Tensor:
+    """Riemannian gradient of the Euclidean gradient G for the chosen metric."""
+    if metric == "euclidean":
+        return proj_tangent(x, g)
+    if metric == "canonical":
+        return canonical_rgrad(x, g)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def inner(x: Tensor, u: Tensor, v: Tensor, metric: str = "euclidean", keepdim: bool = False) -> Tensor:
+    """Metric at X: ⟨U, V⟩ = tr(UᵀV) (euclidean) or tr(UᵀV) − ½ tr(UᵀX XᵀV) (canonical)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if is_wide(x):
+        x, u, v = _mT(x), _mT(u), _mT(v)
+    out = (u * v).sum(dim=(-1, -2), keepdim=keepdim)
+    if metric == "canonical":
+        xu = x.transpose(-1, -2) @ u
+        xv = x.transpose(-1, -2) @ v
+        out = out - 0.5 * (xu * xv).sum(dim=(-1, -2), keepdim=keepdim)
+    return out
+
+
+def transport(y: Tensor, v: Tensor) -> Tensor:
+    """Vector transport by projection onto the tangent space at the new point Y."""
+    return proj_tangent(y, v)
+
+
+def _inv_sqrt_psd(s: Tensor) -> Tensor:
+    """S^(−1/2) of a symmetric positive definite p×p (batched) matrix by eigh."""
+    w, q = torch.linalg.eigh(s)
+    return (q * w.clamp_min(torch.finfo(w.dtype).tiny).rsqrt().unsqueeze(-2)) @ q.transpose(-1, -2)
+
+
+def _polar_via_gram(y: Tensor) -> Tensor:
+    """Polar factor Y (YᵀY)^(−1/2) of a full-rank tall Y, through a p×p eigh, refined once.
+
+    The refinement is one Newton–Schulz step, which squares the residual ‖YᵀY − I‖ left by
+    the fp32 eigh of the Gram matrix.
+    """
+    q = y @ _inv_sqrt_psd(y.transpose(-1, -2) @ y)
+    return _newton_schulz_step(q)
+
+
+def _newton_schulz_step(y: Tensor) -> Tensor:
+    """One step of the Newton–Schulz polar iteration Y ← Y (3I − YᵀY)/2."""
+    g = y.transpose(-1, -2) @ y
+    return y @ (1.5 * _eye_like(g) - 0.5 * g)
+
+
+@_tall(2)
+def retract_polar(x: Tensor, v: Tensor) -> Tensor:
+    """Polar retraction R_X(V) = (X + V)(I + VᵀV)^(−1/2) = polar factor of X + V (p×p eigh)."""
+    return _polar_via_gram(x + v)
+
+
+def _sign_fixed_qr(y: Tensor) -> Tensor:
+    q, r = torch.linalg.qr(y)
+    d = torch.diagonal(r, dim1=-2, dim2=-1)
+    sign = torch.where(d < 0, -1.0, 1.0).to(q.dtype)
+    return q * sign.unsqueeze(-2)
+
+
+@_tall(2)
+def retract_qr(x: Tensor, v: Tensor) -> Tensor:
+    """QR retraction: the Q factor of X + V with diag(R) > 0."""
+    return _sign_fixed_qr(x + v)
+
+
+@_tall(2)
+def retract_cayley(x: Tensor, v: Tensor) -> Tensor:
+    """Cayley retraction Y = (I − W/2)⁻¹(I + W/2) X with W = P Xᵀ − X Pᵀ, P = (I − XXᵀ/2) V.
+
+    W X = V for tangent V. With W = L Rᵀ, L = [P, X], R = [X, −P] (n×2p), the Woodbury identity
+    gives Y = X + L (I − RᵀL/2)⁻¹ RᵀX: one 2p×2p solve, never an n×n matrix (Wen & Yin 2013).
+    """
+    p_ = v - 0.5 * x @ (x.transpose(-1, -2) @ v)
+    left = torch.cat([p_, x], dim=-1)
+    right = torch.cat([x, -p_], dim=-1)
+    rl = right.transpose(-1, -2) @ left
+    eye = torch.eye(rl.shape[-1], dtype=rl.dtype, device=rl.device)
+    rhs = right.transpose(-1, -2) @ x
+    return x + left @ torch.linalg.solve(eye - 0.5 * rl, rhs)
+
+
+@_tall(2)
+def _retract_exp_euclidean(x: Tensor, v: Tensor) -> Tensor:
+    a = x.transpose(-1, -2) @ v
+    s = v.transpose(-1, -2) @ v
+    eye = _eye_like(a).expand_as(a)
+    block = torch.cat(
+        [torch.cat([a, -s], dim=-1), torch.cat([eye, a], dim=-1)],
+        dim=-2,
+    )
+    e = torch.linalg.matrix_exp(block)[..., :, : a.shape[-1]]
+    y = torch.cat([x, v], dim=-1) @ e @ torch.linalg.matrix_exp(-a)
+    return y
+
+
+@_tall(2)
+def _retract_exp_canonical(x: Tensor, v: Tensor) -> Tensor:
+    a = x.transpose(-1, -2) @ v
+    a = skew(a)
+    q, r = torch.linalg.qr(v - x @ a)
+    zero = torch.zeros_like(a)
+    block = torch.cat(
+        [torch.cat([a, -r.transpose(-1, -2)], dim=-1), torch.cat([r, zero], dim=-1)],
+        dim=-2,
+    )
+    e = torch.linalg.matrix_exp(block)[..., :, : a.shape[-1]]
+    return torch.cat([x, q], dim=-1) @ e
+
+
+def retract_exp(x: Tensor, v: Tensor, metric: str = "euclidean") -> Tensor:
+    """Exponential map (geodesic) of Edelman, Arias & Smith (1998), O(np²) via 2p×2p expm.
+
+    euclidean: Y = [X, V] expm([[A, −S], [I, A]])[:, :p] expm(−A), A = XᵀV, S = VᵀV.
+    canonical: QR = (I − XXᵀ)V, Y = [X, Q] expm([[A, −Rᵀ], [R, 0]])[:, :p].
+    """
+    if metric == "euclidean":
+        return _retract_exp_euclidean(x, v)
+    if metric == "canonical":
+        return _retract_exp_canonical(x, v)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+@_tall(1)
+def newton_schulz(y: Tensor, steps: int = 8) -> Tensor:
+    """Polar factor by the matmul-only Newton–Schulz iteration Y ← Y (3I − YᵀY)/2.
+
+    Y is first scaled by 1/√‖YᵀY‖_F (when that exceeds 1) so that ‖Y‖₂ ≤ 1 < √3, which the
+    iteration needs to converge; near-orthonormal Y converges quadratically.
+    """
+    g = y.transpose(-1, -2) @ y
+    scale = torch.linalg.matrix_norm(g).clamp_min(1.0).rsqrt()
+    y = y * scale[..., None, None]
+    for _ in range(steps):
+        y = _newton_schulz_step(y)
+    return y
+
+
+def retract_newton_schulz(x: Tensor, v: Tensor, steps: int = 8) -> Tensor:
+    """Polar retraction computed by Newton–Schulz: polar factor of X + V, matmuls only."""
+    return newton_schulz(x + v, steps)
+
+
+RETRACTIONS = {
+    "polar": retract_polar,
+    "qr": retract_qr,
+    "cayley": retract_cayley,
+    "exp": retract_exp,
+    "newton_schulz": retract_newton_schulz,
+}
+
+
+def retract(x: Tensor, v: Tensor, method: str = "polar", metric: str = "euclidean") -> Tensor:
+    """R_X(V) by name: one of ``polar``, ``qr``, ``cayley``, ``exp`` or ``newton_schulz``."""
+    if method == "exp":
+        return retract_exp(x, v, metric)
+    try:
+        fn = RETRACTIONS[method]
+    except KeyError:
+        raise ValueError(f"retraction must be one of {tuple(RETRACTIONS)}, got {method!r}") from None
+    return fn(x, v)
+
+
+@_tall(1)
+def project(x: Tensor, rtol: float | None = None) -> Tensor:
+    """Nearest point of the manifold: the polar factor U Vᵀ of the thin SVD X = U Σ Vᵀ.
+
+    Raises ``ValueError`` when X is (numerically) rank deficient, σ_min ≤ rtol · σ_max, where
+    the nearest orthonormal matrix is not unique.
+    """
+    if not torch.isfinite(x).all():
+        raise ValueError("project: the matrix has non-finite entries")
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    if rtol is None:
+        rtol = max(x.shape[-2:]) * torch.finfo(x.dtype).eps
+    deficient = s[..., -1] <= rtol * s[..., 0]
+    if bool(deficient.any()):
+        raise ValueError(
+            f"project: a {tuple(x.shape[-2:])} matrix is rank deficient (smallest/largest singular "
+            f"value {float((s[..., -1] / s[..., 0].clamp_min(1e-300)).min()):.2e}); its nearest "
+            "orthonormal matrix is not unique. Use init='random' or pass a full-rank matrix."
+        )
+    return u @ vh
+
+
+@_tall(2)
+def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
+    """Landing field Λ(X) = ½(G·XᵀX − X·GᵀX) + λ X(XᵀX − I)  (Ablin et al.; = skew(GXᵀ)X + λ∇N).
+
+    One Gram product of [X G] gives XᵀX and GᵀX (p×p); Λ = [G X]·C with the 2p×p matrix
+    C = [½XᵀX ; −½GᵀX + λ(XᵀX − I)]. G Xᵀ (n×n) is never formed.
+    """
+    p = x.shape[-1]
+    xg = torch.cat([x, g], dim=-1)
+    gram = xg.transpose(-1, -2) @ xg
+    xtx = gram[..., :p, :p]
+    gtx = gram[..., p:, :p]
+    coeff = torch.cat([0.5 * xtx, lam * (xtx - _eye_like(xtx)) - 0.5 * gtx], dim=-2)
+    return torch.cat([g, x], dim=-1) @ coeff
+
+
+def safe_step(d: Tensor, a: Tensor, lam: float, eps: float = 0.5) -> Tensor:
+    """Largest step that keeps ‖XᵀX − I‖_F ≤ ε after X ← X − ηΛ (Ablin et al., Prop. 4).
+
+    η* = min{ [λd(1−d) + √(λ²d²(1−d)² + a²·max(ε−d, 0))] / max(a², tiny), 1/(2λ) }
+    with d = ‖XᵀX − I‖_F and a = ‖Λ‖_F, elementwise over batches. The 1/(2λ) cap and the
+    clamp of ε − d at 0 are what keep d from blowing past ε.
+    """
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"safe_step: eps must lie in (0, 1), got {eps}")
+    if lam <= 0:
+        raise ValueError(f"safe_step: lam must be > 0, got {lam}")
+    lin = lam * d * (1.0 - d)
+    a2 = a * a
+    num = lin + torch.sqrt(lin * lin + a2 * (eps - d).clamp_min(0.0))
+    eta = num / a2.clamp_min(torch.finfo(a2.dtype).tiny)
+    return eta.clamp_max(1.0 / (2.0 * lam))
+
+
+def random_point(*shape: int, dtype: torch.dtype | None = None, device=None, generator=None) -> Tensor:
+    """A Haar-distributed point: sign-fixed Q factor of a Gaussian matrix (wide → orthonormal rows)."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    if len(shape) < 2:
+        raise ValueError(f"random_point: need at least two dimensions, got shape {shape}")
+    dtype = dtype or torch.get_default_dtype()
+    g = torch.randn(*shape, dtype=_compute_dtype(dtype), device=device, generator=generator)
+    wide = g.shape[-2] < g.shape[-1]
+    if wide:
+        g = _mT(g)
+    q = _sign_fixed_qr(g)
+    if wide:
+        q = _mT(q)
+    return q.contiguous().to(dtype)
+

@@ -1,0 +1,322 @@
+"""Manifold parameter types: the Stiefel manifold, Stiefel parameters, ``constrain`` and the
+shared-Q spectral type of SymLoRA.
+
+``Stiefel`` implements geoopt's ``Manifold`` interface, so geoopt's optimizers accept our
+parameters and our optimizers accept geoopt's ``ManifoldParameter``s on a Stiefel manifold.
+All math is delegated to :mod:`stiefel_opt.functional`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from ._geoopt import GeooptStiefel, Manifold, ManifoldParameter
+
+__all__ = [
+    "Stiefel",
+    "StiefelParameter",
+    "SharedQSpectral",
+    "constrain",
+    "is_stiefel",
+    "as_stiefel",
+]
+
+
+class Stiefel(Manifold):
+    """St(n, p) = {X : XᵀX = I}; a wide matrix (n < p) means orthonormal rows.
+
+    Args:
+        metric: ``"euclidean"`` (tangent projection G − X sym(XᵀG)) or ``"canonical"``
+            (Riemannian gradient G − X GᵀX).
+        retraction: ``"polar"`` (default), ``"qr"``, ``"cayley"``, ``"exp"`` or ``"newton_schulz"``.
+        ndim: number of trailing dimensions that form one matrix. 2 for matrices; a conv weight
+            (out, in, kh, kw) uses ``ndim=4`` and is seen as the (out, in·kh·kw) matrix.
+    """
+
+    name = "Stiefel"
+    reversible = False
+
+    def __init__(self, metric: str = "euclidean", retraction: str = "polar", ndim: int = 2):
+        super().__init__()
+        if metric not in F.METRICS:
+            raise ValueError(f"Stiefel: metric must be one of {F.METRICS}, got {metric!r}")
+        if retraction not in F.RETRACTIONS:
+            raise ValueError(
+                f"Stiefel: retraction must be one of {tuple(F.RETRACTIONS)}, got {retraction!r}"
+            )
+        if int(ndim) < 2:
+            raise ValueError(f"Stiefel: ndim must be at least 2, got {ndim}")
+        self.metric = metric
+        self.retraction = retraction
+        self.ndim = int(ndim)
+
+    def extra_repr(self) -> str:
+        extra = f", ndim={self.ndim}" if self.ndim != 2 else ""
+        return f"metric={self.metric!r}, retraction={self.retraction!r}{extra}"
+
+    # --- shapes -----------------------------------------------------------------------------
+    def to_matrix(self, x: Tensor) -> Tensor:
+        """View the trailing ``ndim`` dims as one matrix (rows = first of them)."""
+        if self.ndim == 2:
+            return x
+        lead = x.shape[: x.dim() - self.ndim]
+        return x.reshape(*lead, x.shape[x.dim() - self.ndim], -1)
+
+    def _map(self, fn, x: Tensor, *others: Tensor) -> Tensor:
+        out = fn(self.to_matrix(x), *(self.to_matrix(o) for o in others))
+        return out.reshape(x.shape)
+
+    def _check_shape(self, shape, name):
+        if len(shape) < self.ndim:
+            return False, f"'{name}' on {self} needs at least {self.ndim} dims, got shape {tuple(shape)}"
+        return True, None
+
+    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
+        d = float(F.distance(self.to_matrix(x)).max()) if x.numel() else 0.0
+        ok = d <= atol + rtol * math.sqrt(min(self.to_matrix(x).shape[-2:]))
+        return ok, None if ok else f"‖XᵀX − I‖_F = {d:.3e} exceeds the tolerance"
+
+    def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        xm, um = self.to_matrix(x), self.to_matrix(u)
+        if F.is_wide(xm):
+            xm, um = xm.mT, um.mT
+        gap = float(torch.linalg.matrix_norm(F.sym(xm.mT @ um)).max()) if x.numel() else 0.0
+        ok = gap <= atol + rtol * float(torch.linalg.matrix_norm(um).max())
+        return ok, None if ok else f"‖sym(XᵀU)‖_F = {gap:.3e}: not a tangent vector"
+
+    # --- geoopt Manifold interface ------------------------------------------------------------
+    def projx(self, x: Tensor) -> Tensor:
+        return self._map(F.project, x)
+
+    def proju(self, x: Tensor, u: Tensor) -> Tensor:
+        return self._map(F.proj_tangent, x, u)
+
+    def egrad2rgrad(self, x: Tensor, u: Tensor) -> Tensor:
+        if self.metric == "euclidean":
+            return self.proju(x, u)
+        return self._map(F.canonical_rgrad, x, u)
+
+    def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = False) -> Tensor:
+        v = u if v is None else v
+        out = F.inner(self.to_matrix(x), self.to_matrix(u), self.to_matrix(v), self.metric, keepdim=keepdim)
+        if keepdim and self.ndim > 2:
+            out = out.reshape(*out.shape[:-2], *([1] * self.ndim))
+        return out
+
+    def component_inner(self, x: Tensor, u: Tensor, v: Tensor | None = None) -> Tensor:
+        return self.inner(x, u, v, keepdim=True)
+
+    def retr(self, x: Tensor, u: Tensor) -> Tensor:
+        return self._map(lambda a, b: F.retract(a, b, self.retraction, self.metric), x, u)
+
+    def expmap(self, x: Tensor, u: Tensor) -> Tensor:
+        return self._map(lambda a, b: F.retract_exp(a, b, self.metric), x, u)
+
+    def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        return self.proju(y, v)
+
+    def retr_transp(self, x: Tensor, u: Tensor, v: Tensor):
+        y = self.retr(x, u)
+        return y, self.transp(x, y, v)
+
+    def expmap_transp(self, x: Tensor, u: Tensor, v: Tensor):
+        y = self.expmap(x, u)
+        return y, self.transp(x, y, v)
+
+    def transp_follow_retr(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        return self.transp(x, self.retr(x, u), v)
+
+    def transp_follow_expmap(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        return self.transp(x, self.expmap(x, u), v)
+
+    def random(self, *size, dtype=None, device=None, generator=None) -> Tensor:
+        """A random point of the given shape (Haar for matrices)."""
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+        self._assert_check_shape(shape, "x")
+        lead = shape[: len(shape) - self.ndim]
+        mshape = (*lead, shape[len(shape) - self.ndim], math.prod(shape[len(shape) - self.ndim + 1 :]))
+        return F.random_point(mshape, dtype=dtype, device=device, generator=generator).reshape(shape)
+
+    random_naive = random
+
+    def distance(self, x: Tensor) -> Tensor:
+        """‖XᵀX − I‖_F for each matrix (the distance the landing optimizers drive to 0)."""
+        return F.distance(self.to_matrix(x))
+
+
+def is_stiefel(manifold) -> bool:
+    """True for our ``Stiefel`` and for geoopt's Euclidean/Canonical Stiefel manifolds."""
+    return isinstance(manifold, (Stiefel, GeooptStiefel))
+
+
+def as_stiefel(manifold) -> Stiefel | None:
+    """Normalize a manifold declaration to a ``Stiefel`` (or None for no manifold).
+
+    Accepts ``None``, ``"stiefel"``, ``"euclidean"`` (None), a ``Stiefel`` and geoopt's Stiefel
+    manifolds (mapped to the same metric; geoopt's Euclidean Stiefel retracts by QR).
+    """
+    if manifold is None or manifold == "euclidean":
+        return None
+    if isinstance(manifold, Stiefel):
+        return manifold
+    if isinstance(manifold, str):
+        if manifold.lower() == "stiefel":
+            return Stiefel()
+        raise ValueError(f"unknown manifold {manifold!r}: use 'stiefel' or a Stiefel(...) object")
+    if isinstance(manifold, GeooptStiefel):
+        canonical = type(manifold).__name__ == "CanonicalStiefel"
+        return Stiefel(
+            metric="canonical" if canonical else "euclidean",
+            retraction="cayley" if canonical else "qr",
+            ndim=manifold.ndim,
+        )
+    if getattr(manifold, "ndim", None) is not None and isinstance(manifold, Manifold):
+        return None  # another geoopt manifold: not ours to handle
+    raise TypeError(f"manifold must be None, 'stiefel' or a Stiefel manifold, got {type(manifold).__name__}")
+
+
+def _check_data(data: Tensor, what: str, ndim: int = 2) -> None:
+    if not isinstance(data, Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(data).__name__}")
+    if data.dim() < ndim or data.dim() < 2:
+        raise ValueError(
+            f"{what}: a Stiefel parameter must be a matrix (or batch/conv kernel of matrices); "
+            f"got shape {tuple(data.shape)}"
+        )
+    if not data.is_floating_point():
+        raise TypeError(f"{what}: a Stiefel parameter must be floating point, got {data.dtype}")
+    if not bool(torch.isfinite(data).all()):
+        raise ValueError(f"{what}: the tensor has non-finite entries")
+
+
+def _tolerance(dtype: torch.dtype, p: int) -> float:
+    unit = {torch.bfloat16: 2e-2, torch.float16: 4e-3}.get(dtype, 1e-4)
+    return unit * math.sqrt(p)
+
+
+class StiefelParameter(ManifoldParameter):
+    """An ``nn.Parameter`` on St(n, p): a geoopt ``ManifoldParameter`` carrying a ``Stiefel``.
+
+    ``StiefelParameter(data)`` checks that ``data`` is orthonormal (columns if tall, rows if
+    wide) and raises ``ValueError`` otherwise; pass ``check=False`` for a point off the manifold
+    that a landing optimizer will pull back, or build one with :meth:`random` /
+    ``Stiefel().projx(data)``.
+    """
+
+    def __new__(cls, data: Tensor | None = None, manifold: Stiefel | None = None,
+                requires_grad: bool = True, check: bool = True):
+        manifold = Stiefel() if manifold is None else manifold
+        if not is_stiefel(manifold):
+            raise TypeError(f"StiefelParameter: manifold must be a Stiefel manifold, got {manifold!r}")
+        if data is None:
+            raise ValueError("StiefelParameter: data is required (use StiefelParameter.random(n, p))")
+        _check_data(data, "StiefelParameter", getattr(manifold, "ndim", 2))
+        if check and isinstance(manifold, Stiefel):
+            m = manifold.to_matrix(data.detach())
+            d = float(F.distance(m).max())
+            tol = _tolerance(data.dtype, min(m.shape[-2:]))
+            if d > tol:
+                raise ValueError(
+                    f"StiefelParameter: data of shape {tuple(data.shape)} is not orthonormal "
+                    f"(‖XᵀX − I‖_F = {d:.3e} > {tol:.1e}); project it first with "
+                    "Stiefel().projx(data), or pass check=False for a landing optimizer to pull back"
+                )
+        if isinstance(data, ManifoldParameter):
+            data = data.data
+        return super().__new__(cls, data, manifold=manifold, requires_grad=requires_grad)
+
+    @classmethod
+    def random(cls, *shape: int, manifold: Stiefel | None = None, dtype=None, device=None,
+               generator=None, requires_grad: bool = True) -> "StiefelParameter":
+        """A Haar-random Stiefel parameter of the given shape."""
+        manifold = Stiefel() if manifold is None else manifold
+        data = manifold.random(*shape, dtype=dtype, device=device, generator=generator)
+        return cls(data, manifold=manifold, requires_grad=requires_grad, check=False)
+
+
+_INITS = ("project", "keep", "random")
+
+
+def constrain(module: nn.Module, name: str = "weight", manifold: Stiefel | None = None,
+              init: str = "project") -> StiefelParameter:
+    """Put a Stiefel constraint on ``module.<name>`` in place and return the new parameter.
+
+    A conv weight (out, in, *kernel) is seen as the (out, in·∏kernel) matrix; a wide matrix has
+    orthonormal rows. ``init``: ``"project"`` — the nearest orthonormal matrix (polar factor;
+    rank-deficient weights raise), ``"keep"`` — the values as they are (a landing optimizer
+    pulls them onto the manifold), ``"random"`` — a Haar-random point.
+
+    Call it before building the optimizer: the module's parameter is replaced by a new object.
+    """
+    where = f"{type(module).__name__}.{name}"
+    if init not in _INITS:
+        raise ValueError(f"constrain({where}): init must be one of {_INITS}, got {init!r}")
+    param = module._parameters.get(name) if hasattr(module, "_parameters") else None
+    if param is None:
+        candidates = [n for n, _ in module.named_parameters(recurse=False)]
+        raise ValueError(f"constrain: {type(module).__name__} has no parameter {name!r}; it has {candidates}")
+    _check_data(param.detach(), f"constrain({where})")
+    if manifold is None:
+        manifold = Stiefel(ndim=param.dim())
+    elif not isinstance(manifold, Stiefel):
+        raise TypeError(f"constrain({where}): manifold must be a Stiefel, got {type(manifold).__name__}")
+    elif manifold.ndim > param.dim():
+        raise ValueError(
+            f"constrain({where}): manifold.ndim={manifold.ndim} exceeds the parameter's {param.dim()} dims"
+        )
+    with torch.no_grad():
+        data = param.detach()
+        if init == "project":
+            try:
+                data = manifold.projx(data)
+            except ValueError as err:
+                raise ValueError(f"constrain({where}): {err}") from None
+        elif init == "random":
+            data = manifold.random(data.shape, dtype=data.dtype, device=data.device)
+        new = StiefelParameter(data.clone(), manifold=manifold, requires_grad=param.requires_grad,
+                               check=False)
+    module._parameters[name] = new
+    return new
+
+
+class SharedQSpectral(nn.Module):
+    """The SymLoRA-style symmetric low-rank matrix Q diag(λ) Qᵀ (``core="diag"``) or Q S Qᵀ with
+    a full symmetric r×r core S (``core="full"``; S is stored free and symmetrized), Q ∈ St(n, r).
+
+    ``forward(x)`` applies x ↦ x Q core Qᵀ without forming the n×n matrix; :meth:`matrix` forms
+    it; :meth:`factors` gives the rank-r LoRA pair (B, A) = (Q·core, Qᵀ).
+    """
+
+    def __init__(self, n: int, r: int, core: str = "diag", init_scale: float = 0.0,
+                 dtype=None, device=None):
+        super().__init__()
+        if core not in ("diag", "full"):
+            raise ValueError(f"SharedQSpectral: core must be 'diag' or 'full', got {core!r}")
+        if not 0 < r <= n:
+            raise ValueError(f"SharedQSpectral: need 0 < r <= n, got n={n}, r={r}")
+        self.core_kind = core
+        self.Q = StiefelParameter.random(n, r, dtype=dtype, device=device)
+        shape = (r,) if core == "diag" else (r, r)
+        init = torch.full(shape, float(init_scale), dtype=dtype, device=device)
+        self.core = nn.Parameter(init if core == "diag" else init * torch.eye(r, dtype=dtype, device=device))
+
+    def core_matrix(self) -> Tensor:
+        """The r×r core: diag(λ) or sym(S)."""
+        return torch.diag_embed(self.core) if self.core_kind == "diag" else F.sym(self.core)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(B, A) with B A = Q core Qᵀ: B = Q·core (n×r), A = Qᵀ (r×n)."""
+        b = self.Q * self.core if self.core_kind == "diag" else self.Q @ self.core_matrix()
+        return b, self.Q.mT
+
+    def matrix(self) -> Tensor:
+        b, a = self.factors()
+        return b @ a
+
+    def forward(self, x: Tensor) -> Tensor:
+        xq = x @ self.Q
+        xq = xq * self.core if self.core_kind == "diag" else xq @ self.core_matrix()
+        return xq @ self.Q.mT
