@@ -20,7 +20,7 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m stiefel_opt.demo
+	$(PY) -m benchmarks demo
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests

@@ -1,0 +1,299 @@
+"""Properties of stiefel_opt.functional over random shapes and dtypes."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stiefel_opt import functional as F
+from stiefel_opt._geoopt import geoopt
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+# Feasibility each dtype can hold after a retraction (bf16 rounding of the result dominates).
+FEAS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 8e-2}
+
+
+@st.composite
+def shapes(draw, min_side=1, max_side=12):
+    batch = draw(st.sampled_from([(), (2,), (2, 3)]))
+    n = draw(st.integers(min_side, max_side))
+    p = draw(st.integers(min_side, max_side))
+    return (*batch, n, p)
+
+
+def _tall(x):
+    return x.mT if F.is_wide(x) else x
+
+
+def point_and_tangent(shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = F.random_point(shape, dtype=torch.float64, generator=g)
+    u = torch.randn(shape, dtype=torch.float64, generator=g)
+    v = F.proj_tangent(x, u)
+    v = scale * v / torch.linalg.matrix_norm(v).clamp_min(1e-12)[..., None, None]
+    return x.to(dtype), v.to(dtype)
+
+
+def sym_part(x, v):
+    """‖sym(XᵀV)‖_F in the tall form: zero iff V is tangent at X."""
+    x, v = _tall(x.double()), _tall(v.double())
+    return torch.linalg.matrix_norm(F.sym(x.mT @ v))
+
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+@given(shapes(), seeds, st.sampled_from([torch.float64, torch.float32]))
+def test_random_point_is_feasible(shape, seed, dtype):
+    x = F.random_point(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    assert x.shape == shape and x.dtype == dtype
+    assert F.distance(x).max() <= FEAS[dtype]
+
+
+@given(shapes(), seeds, st.sampled_from([torch.float64, torch.float32]))
+def test_projection_is_idempotent_and_tangent(shape, seed, dtype):
+    x, _ = point_and_tangent(shape, dtype, seed)
+    u = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    v = F.proj_tangent(x, u)
+    assert v.dtype == dtype and v.shape == shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    unorm = float(torch.linalg.matrix_norm(u.double()).max())
+    assert sym_part(x, v).max() <= tol * (1 + unorm)
+    assert torch.allclose(F.proj_tangent(x, v), v, atol=tol * (1 + unorm))
+
+
+@given(shapes(), seeds)
+def test_low_precision_inputs_are_computed_in_fp32(shape, seed):
+    x, v = point_and_tangent(shape, torch.bfloat16, seed, scale=0.5)
+    u = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    for fn, args in [(F.proj_tangent, (x, u)), (F.retract_polar, (x, v)), (F.landing_field, (x, u))]:
+        out = fn(*args)
+        assert out.dtype == torch.bfloat16
+        ref = fn(*(a.float() for a in args)).to(torch.bfloat16)
+        assert torch.equal(out, ref), fn.__name__
+
+
+@given(shapes(), seeds, st.sampled_from(DTYPES), st.sampled_from(sorted(F.RETRACTIONS)),
+       st.floats(0.01, 1.0))
+def test_retractions_land_on_manifold(shape, seed, dtype, method, scale):
+    x, v = point_and_tangent(shape, dtype, seed, scale)
+    y = F.retract(x, v, method)
+    assert y.shape == shape and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert F.distance(y).max() <= FEAS[dtype] * math.sqrt(min(shape[-2:]))
+
+
+@given(shapes(), seeds, st.sampled_from(sorted(F.RETRACTIONS)), st.sampled_from(F.METRICS))
+def test_retractions_agree_with_x_plus_tv_to_first_order(shape, seed, method, metric):
+    x, v = point_and_tangent(shape, torch.float64, seed)
+    for t in (1e-3, 1e-4):
+        y = F.retract(x, t * v, method, metric)
+        err = torch.linalg.matrix_norm(y - x - t * v).max()
+        assert err <= 5 * t * t, (t, float(err))
+
+
+@given(shapes(), seeds, st.sampled_from(sorted(F.RETRACTIONS)))
+def test_zero_step_retracts_to_the_point(shape, seed, method):
+    x, v = point_and_tangent(shape, torch.float64, seed)
+    assert torch.allclose(F.retract(x, torch.zeros_like(v), method), x, atol=1e-10)
+
+
+@given(shapes(), seeds, st.floats(0.01, 2.0))
+def test_transport_gives_tangent_vectors(shape, seed, scale):
+    x, v = point_and_tangent(shape, torch.float64, seed, scale)
+    y = F.retract(x, v)
+    w = F.transport(y, v)
+    assert sym_part(y, w).max() <= 1e-10
+
+
+@given(shapes(), seeds)
+def test_canonical_rgrad_is_tangent_and_matches_metric(shape, seed):
+    x, _ = point_and_tangent(shape, torch.float64, seed)
+    g = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    r = F.egrad2rgrad(x, g, "canonical")
+    assert sym_part(x, r).max() <= 1e-10
+    # defining property: <rgrad, xi>_canonical = <G, xi>_euclidean for every tangent xi
+    xi = F.proj_tangent(x, torch.randn_like(g))
+    lhs = F.inner(x, r, xi, "canonical")
+    rhs = (g * xi).sum(dim=(-1, -2))
+    assert torch.allclose(lhs, rhs, atol=1e-9, rtol=1e-9)
+
+
+@given(shapes(), seeds, st.floats(0.01, 0.3), st.floats(0.1, 10.0))
+def test_landing_parts_are_orthogonal(shape, seed, off, lam):
+    """⟨skew(GXᵀ)X, X(XᵀX − I)⟩ = tr(ψᵀ X(XᵀX−I)Xᵀ) = 0 for any X: ψ skew, the other symmetric."""
+    x, v = point_and_tangent(shape, torch.float64, seed)
+    x = x + off * torch.randn_like(x)  # anywhere, not only on the manifold
+    g = torch.randn_like(x)
+    relative = F.landing_field(x, g, lam=0.0)
+    normal = F.landing_field(x, g, lam=lam) - relative
+    xt, gt = _tall(x), _tall(g)
+    eye = torch.eye(xt.shape[-1], dtype=x.dtype)
+    assert torch.allclose(_tall(relative), F.skew(gt @ xt.mT) @ xt, atol=1e-10)
+    assert torch.allclose(_tall(normal), lam * xt @ (xt.mT @ xt - eye), atol=1e-9)
+    dot = (relative * normal).sum(dim=(-1, -2))
+    scale = torch.linalg.matrix_norm(relative) * torch.linalg.matrix_norm(normal) + 1e-30
+    assert (dot.abs() / scale).max() <= 1e-9
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("kind", ["huge", "tiny", "alternating"])
+def test_safe_step_keeps_distance_below_eps_for_1000_adversarial_steps(lam, kind):
+    eps = 0.5
+    g = torch.Generator().manual_seed(int(lam * 10))
+    x = F.random_point(8, 12, 5, dtype=torch.float64, generator=g)
+    worst = 0.0
+    for k in range(1000):
+        grad = torch.randn(x.shape, dtype=x.dtype, generator=g)
+        if kind == "huge":
+            grad = grad * 1e6
+        elif kind == "tiny":
+            grad = grad * 1e-8
+        else:
+            grad = grad * (1e4 if k % 2 else -1e4)
+        field = F.landing_field(x, grad, lam)
+        eta = F.safe_step(F.distance(x), torch.linalg.matrix_norm(field), lam, eps).clamp_max(10.0)
+        x = x - eta[..., None, None] * field
+        worst = max(worst, float(F.distance(x).max()))
+    assert worst <= eps + 1e-9
+    assert torch.isfinite(x).all() and float(torch.linalg.matrix_norm(x).min()) > 1.0
+
+
+def test_safe_step_formula_and_cap():
+    d = torch.tensor([0.0, 0.2, 0.6])
+    a = torch.tensor([2.0, 2.0, 2.0])
+    eta = F.safe_step(d, a, lam=1.0, eps=0.5)
+    lin = d * (1 - d)
+    expected = (lin + torch.sqrt(lin**2 + a**2 * (0.5 - d).clamp_min(0))) / a**2
+    assert torch.allclose(eta, torch.minimum(expected, torch.tensor(0.5)))
+    assert eta[2] < eta[1]  # outside the safe region only the pull back remains
+    assert F.safe_step(torch.tensor([0.0]), torch.tensor([1e-12]), lam=4.0) == 1 / 8  # cap 1/(2λ)
+    with pytest.raises(ValueError, match="eps"):
+        F.safe_step(d, a, 1.0, eps=1.5)
+
+
+@given(shapes(min_side=1, max_side=10), seeds)
+def test_project_is_the_svd_polar_factor(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64, generator=g) + 0.1
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    if float((s[..., -1] / s[..., 0]).min()) < 1e-6:
+        return
+    q = F.project(x)
+    assert torch.allclose(q, u @ vh, atol=1e-8)
+    assert torch.allclose(F.project(q), q, atol=1e-10)  # idempotent on the manifold
+
+
+def test_project_rejects_rank_deficient_and_non_finite():
+    x = torch.ones(6, 3)
+    with pytest.raises(ValueError, match="rank deficient"):
+        F.project(x)
+    with pytest.raises(ValueError, match="non-finite"):
+        F.project(torch.full((4, 2), float("nan")))
+
+
+@given(shapes(min_side=2, max_side=10), seeds)
+def test_newton_schulz_converges_to_polar_factor(shape, seed):
+    x, v = point_and_tangent(shape, torch.float64, seed, scale=0.5)
+    y = x + v
+    assert torch.allclose(F.newton_schulz(y, steps=12), F.project(y), atol=1e-8)
+
+
+@given(shapes(max_side=8), seeds, st.floats(0.05, 2.0))
+def test_cayley_matches_dense_formula(shape, seed, scale):
+    x, v = point_and_tangent(shape, torch.float64, seed, scale)
+    xt, vt = _tall(x), _tall(v)
+    n = xt.shape[-2]
+    eye = torch.eye(n, dtype=x.dtype)
+    p_ = (eye - 0.5 * xt @ xt.mT) @ vt
+    w = p_ @ xt.mT - xt @ p_.mT
+    dense = torch.linalg.solve(eye - 0.5 * w, (eye + 0.5 * w) @ xt)
+    assert torch.allclose(_tall(F.retract_cayley(x, v)), dense, atol=1e-9)
+
+
+def test_exp_matches_geoopt_exact_geodesic():
+    x, v = point_and_tangent((3, 9, 4), torch.float64, 0, scale=0.7)
+    ref = geoopt.EuclideanStiefelExact().expmap(x, v)
+    assert torch.allclose(F.retract_exp(x, v, "euclidean"), ref, atol=1e-10)
+
+
+def test_canonical_geodesic_has_constant_speed_and_starts_along_v():
+    x, v = point_and_tangent((2, 10, 3), torch.float64, 1, scale=0.8)
+    ts = [0.25, 0.5, 0.75, 1.0]
+    ys = [F.retract_exp(x, t * v, "canonical") for t in ts]
+    for y in ys:
+        assert F.distance(y).max() < 1e-10
+    # equal parameter increments travel equal chord lengths along a geodesic
+    chords = [torch.linalg.matrix_norm(b - a) for a, b in zip(ys, ys[1:])]
+    assert torch.allclose(chords[0], chords[1], rtol=1e-9) and torch.allclose(chords[1], chords[2], rtol=1e-9)
+
+
+def test_agrees_with_geoopt_euclidean_and_canonical_stiefel():
+    x, _ = point_and_tangent((4, 15, 6), torch.float64, 3)
+    g = torch.randn_like(x)
+    euc, can = geoopt.EuclideanStiefel(), geoopt.CanonicalStiefel()
+    assert torch.allclose(F.proj_tangent(x, g), euc.proju(x, g), atol=1e-12)
+    assert torch.allclose(F.egrad2rgrad(x, g, "euclidean"), euc.egrad2rgrad(x, g), atol=1e-12)
+    assert torch.allclose(F.egrad2rgrad(x, g, "canonical"), can.egrad2rgrad(x, g), atol=1e-12)
+    v = 0.3 * F.proj_tangent(x, g)
+    assert torch.allclose(F.retract_qr(x, v), euc.retr(x, v), atol=1e-12)
+    assert torch.allclose(F.inner(x, v, v, "canonical"), can.inner(x, v, v), atol=1e-12)
+
+
+def test_wide_matrices_are_treated_by_transposition():
+    x, v = point_and_tangent((7, 3), torch.float64, 5)
+    g = torch.randn_like(x)
+    for fn in (F.proj_tangent, F.retract_polar, F.retract_qr, F.retract_cayley, F.landing_field):
+        assert torch.allclose(fn(x.mT, g.mT), fn(x, g).mT, atol=1e-12), fn.__name__
+    assert torch.allclose(F.distance(x.mT), F.distance(x))
+
+
+def test_functions_reject_vectors_with_a_clear_error():
+    with pytest.raises(ValueError, match="shape \\(5,\\)"):
+        F.proj_tangent(torch.ones(5), torch.ones(5))
+    with pytest.raises(ValueError, match="retraction must be one of"):
+        F.retract(torch.eye(3), torch.zeros(3, 3), "svd")
+    with pytest.raises(ValueError, match="metric"):
+        F.egrad2rgrad(torch.eye(3), torch.zeros(3, 3), "riemann")
+
+
+def test_no_function_forms_an_n_by_n_matrix(monkeypatch):
+    """Every matmul operand stays O(np): track the largest product for a very tall matrix."""
+    n, p = 3000, 4
+    x, v = point_and_tangent((n, p), torch.float32, 7, scale=0.5)
+    largest = []
+    real = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        out = real(a, b)
+        largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    for method in F.RETRACTIONS:
+        F.retract(x, v, method)
+    F.landing_field(x, v, 1.0)
+    F.proj_tangent(x, v)
+    F.canonical_rgrad(x, v)
+    F.retract_exp(x, v, "canonical")
+    assert largest and max(largest) <= n * 2 * p
+
+
+def test_brockett_pca_by_riemannian_gradient_descent():
+    """maximize tr(XᵀAX) on St(200, 5): reaches the sum of the top-5 eigenvalues to 1e-5."""
+    g = torch.Generator().manual_seed(0)
+    n, p = 200, 5
+    q = F.random_point(n, n, dtype=torch.float64, generator=g)
+    eig = torch.cat([torch.linspace(10.0, 6.0, p, dtype=torch.float64),
+                     4.0 * torch.rand(n - p, dtype=torch.float64, generator=g)])
+    a = (q * eig) @ q.mT
+    optimum = torch.linalg.eigvalsh(a)[-p:].sum()
+    x = F.random_point(n, p, dtype=torch.float64, generator=g)
+    step = 1.0 / float(eig.max())
+    for _ in range(300):
+        rgrad = F.proj_tangent(x, 2 * a @ x)  # ascent direction of tr(XᵀAX)
+        x = F.retract(x, 0.5 * step * rgrad)
+    value = torch.trace(x.mT @ a @ x)
+    assert abs(float(value - optimum)) / float(optimum) <= 1e-5
+    assert F.distance(x) <= 1e-10
