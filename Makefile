@@ -13,7 +13,7 @@ $(PY):
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[test,adapters,bench,docs]'
+	$(PIP) install -e '.[test,adapters,bench,docs,gpu]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
