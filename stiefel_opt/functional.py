@@ -40,6 +40,8 @@ __all__ = [
     "project",
     "landing_field",
     "safe_step",
+    "landing_coefficients",
+    "polar_coefficients",
     "random_point",
     "RETRACTIONS",
     "METRICS",
@@ -356,6 +358,26 @@ def safe_step(d: Tensor, a: Tensor, lam: float, eps: float = 0.5) -> Tensor:
     num = lin + torch.sqrt(lin * lin + a2 * (eps - d).clamp_min(0.0))
     eta = num / a2.clamp_min(torch.finfo(a2.dtype).tiny)
     return eta.clamp_max(1.0 / (2.0 * lam))
+
+
+def landing_coefficients(xtx: Tensor, gtx: Tensor, lam: float = 1.0) -> tuple[Tensor, Tensor]:
+    """p×p coefficients (C_G, C_X) of the landing field Λ = G·C_G + X·C_X from the Gram blocks:
+    C_G = ½XᵀX, C_X = λ(XᵀX − I) − ½GᵀX (the two halves of C in :func:`landing_field`).
+
+    For fused kernels that read [X G] once for the Gram blocks and once to apply C.
+    """
+    return 0.5 * xtx, lam * (xtx - _eye_like(xtx)) - 0.5 * gtx
+
+
+def polar_coefficients(gram: Tensor) -> Tensor:
+    """p×p K with polar(Y) = Y·K from the Gram S = YᵀY alone (no second pass over Y).
+
+    M = S^(−1/2) by eigh, refined by one Newton–Schulz step written on p×p matrices:
+    K = M (3I − M S M)/2, equal in exact arithmetic to :func:`retract_polar`'s
+    (YM)(3I − (YM)ᵀ(YM))/2. For fused kernels (Gram pass, then apply pass).
+    """
+    m = _inv_sqrt_psd(gram)
+    return m @ (1.5 * _eye_like(gram) - 0.5 * (m @ gram @ m))
 
 
 def random_point(*shape: int, dtype: torch.dtype | None = None, device=None, generator=None) -> Tensor:
