@@ -14,7 +14,7 @@ Triton for CUDA tensors of a supported dtype when Triton imports, torch otherwis
 """
 from __future__ import annotations
 
-import importlib.util
+import functools
 import os
 from typing import Callable
 
@@ -37,9 +37,14 @@ BACKENDS = ("auto", "torch", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.cache
 def available() -> bool:
-    """True when the ``triton`` package can be imported (it is not imported here)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the ``triton`` package imports (tried once, on the first call)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _load():
@@ -48,9 +53,14 @@ def _load():
     return core
 
 
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _interpreting() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at first use)."""
-    return _load().INTERPRETED
+    """True when the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 was set when they
+    were first used and still is (the interpreter reads it at launch too)."""
+    return _env_interpret() and _load().INTERPRETED
 
 
 def check_tensors(*tensors: Tensor | None, where: str = "backend='triton'") -> None:
@@ -76,12 +86,12 @@ def check_tensors(*tensors: Tensor | None, where: str = "backend='triton'") -> N
             continue
         if t.device.type == "cpu" and _interpreting():
             continue
-        hint = (
-            " (TRITON_INTERPRET=1 is set now, but the kernels were built before it was: set it "
-            "before stiefel_opt.kernels is first used)"
-            if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-            else ""
-        )
+        hint = ""
+        if _env_interpret() != _load().INTERPRETED:
+            hint = (
+                " (TRITON_INTERPRET must be set to 1 before the first kernel call and stay set; it "
+                "changed after the kernels were built)"
+            )
         raise ValueError(
             f"{where}: the Triton kernels need CUDA tensors, got a tensor of shape "
             f"{tuple(t.shape)} on device '{t.device}'{hint}. Use backend='auto' (torch on CPU) or "
@@ -101,10 +111,10 @@ def resolve_backend(backend: str, *tensors: Tensor | None) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        ok = available() and all(
+        eligible = all(
             t is None or (t.device.type == "cuda" and t.dtype in SUPPORTED_DTYPES) for t in tensors
         )
-        return "triton" if ok else "torch"
+        return "triton" if eligible and available() else "torch"
     check_tensors(*tensors)
     return "triton"
 
