@@ -1,0 +1,53 @@
+"""Geometric low-rank adapters: LoRA, DoRA, PoLAR, StelLA, SymLoRA.
+
+Layers wrap a frozen ``nn.Linear``/``Conv1D``; Stiefel factors are ``StiefelParameter``s, so any
+optimizer of :mod:`stiefel_opt.optim` (or geoopt) sees ordinary constrained parameters.
+peft, transformers and safetensors are imported only by the functions that need them.
+"""
+from .groups import param_groups
+from .inject import (
+    METHODS,
+    AdapterConfig,
+    adapter_config,
+    adapter_layers,
+    inject_adapters,
+    merge_adapters,
+    merge_and_unload,
+    unmerge_adapters,
+)
+from .io import adapter_state_dict, export_peft, load_adapters, peft_state_dict, save_adapters
+from .layers import AdapterLayer, DoraLayer, LoraLayer, PolarLayer, StellaLayer, SymLoraLayer
+from .monitor import AdapterMonitor
+
+__all__ = [
+    "METHODS",
+    "AdapterConfig",
+    "AdapterLayer",
+    "LoraLayer",
+    "DoraLayer",
+    "PolarLayer",
+    "StellaLayer",
+    "SymLoraLayer",
+    "inject_adapters",
+    "adapter_layers",
+    "adapter_config",
+    "merge_adapters",
+    "unmerge_adapters",
+    "merge_and_unload",
+    "adapter_state_dict",
+    "save_adapters",
+    "load_adapters",
+    "export_peft",
+    "peft_state_dict",
+    "param_groups",
+    "AdapterMonitor",
+    "AdapterDiagnosticsCallback",
+]
+
+
+def __getattr__(name):
+    if name == "AdapterDiagnosticsCallback":
+        from . import monitor
+
+        return monitor.AdapterDiagnosticsCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,264 @@
+"""``AdapterConfig`` and injection, with PEFT's names and matching rules.
+
+Matching (module names as ``model.named_modules()`` gives them):
+- ``exclude_modules`` first: a string is a full regex match, a list matches exact names or suffixes.
+- Modules inside a ``modules_to_save`` entry are never wrapped.
+- ``target_modules``: a string is a full regex match (``re.fullmatch``); a list matches an exact
+  name or a suffix ``.<entry>``; ``"all-linear"`` takes every ``nn.Linear``/``Conv1D`` except a
+  transformers model's output head (``get_output_embeddings()``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .layers import LAYERS, AdapterLayer, is_conv1d
+
+__all__ = [
+    "AdapterConfig",
+    "METHODS",
+    "inject_adapters",
+    "adapter_layers",
+    "adapter_config",
+    "merge_adapters",
+    "unmerge_adapters",
+    "merge_and_unload",
+]
+
+METHODS = tuple(LAYERS)
+_CONFIG_ATTR = "_stiefel_adapter_config"
+
+
+@dataclass
+class AdapterConfig:
+    """What to inject and where. Field names and semantics follow PEFT's ``LoraConfig``.
+
+    Args:
+        method: ``"lora"``, ``"dora"``, ``"polar"``, ``"stella"`` or ``"symlora"``.
+        r: rank; ``lora_alpha``: scale numerator, s = α/r (α/√r with ``use_rslora``).
+        lora_dropout: dropout on the adapter's input.
+        target_modules: regex string, list of names/suffixes, or ``"all-linear"`` (required).
+        exclude_modules: regex string or list of names/suffixes never wrapped.
+        modules_to_save: modules (names or suffixes) left trainable and saved whole, e.g. a head.
+        init: ``"default"`` (every method), ``"gaussian"`` (lora/dora), ``"svd"`` (polar/stella:
+            factors from the top-r singular vectors of W).
+        core: polar/stella/symlora core, ``"full"`` (r×r) or ``"diag"``; None takes the method's
+            default (full for polar/stella, diag for symlora).
+    """
+
+    method: str
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    init: str = "default"
+    use_rslora: bool = False
+    core: str | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"AdapterConfig: method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"AdapterConfig: r must be a positive int, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"AdapterConfig: lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
+        if self.target_modules is None:
+            raise ValueError(
+                "AdapterConfig: target_modules is required: a regex string, a list of module names "
+                "or suffixes (e.g. ['q_proj', 'v_proj']), or 'all-linear'"
+            )
+        allowed = LAYERS[self.method].inits
+        if self.init not in allowed:
+            raise ValueError(f"AdapterConfig: init for {self.method!r} must be one of {allowed}, got {self.init!r}")
+        if self.core is not None:
+            if self.method in ("lora", "dora"):
+                raise ValueError(f"AdapterConfig: core applies to polar/stella/symlora, not {self.method!r}")
+            if self.core not in ("full", "diag"):
+                raise ValueError(f"AdapterConfig: core must be 'full' or 'diag', got {self.core!r}")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (tuple, set)):
+                setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"AdapterConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+def _matches_list(name: str, entries) -> bool:
+    return any(name == e or name.endswith("." + e) for e in entries)
+
+
+def _excluded(name: str, exclude) -> bool:
+    if exclude is None:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, name) is not None
+    return _matches_list(name, exclude)
+
+
+def _in_saved(name: str, saved) -> bool:
+    if not saved:
+        return False
+    return any(re.fullmatch(rf"(.*\.)?{re.escape(m)}(\..*)?", name) for m in saved)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            return get()
+        except (AttributeError, NotImplementedError):
+            return None
+    return None
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules that could be wrapped (not inside an adapter layer)."""
+    out, inside = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, AdapterLayer):
+            inside.append(name)
+            continue
+        if name:
+            out.append((name, m))
+    return out
+
+
+def _targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    tm = config.target_modules
+    head = _output_head(model)
+    chosen = []
+    for name, m in _candidates(model):
+        if _excluded(name, config.exclude_modules) or _in_saved(name, config.modules_to_save):
+            continue
+        if isinstance(tm, str) and tm.lower() == "all-linear":
+            hit = _is_linear(m) and m is not head
+        elif isinstance(tm, str):
+            hit = re.fullmatch(tm, name) is not None
+        else:
+            hit = _matches_list(name, tm)
+        if hit:
+            chosen.append((name, m))
+    if not chosen:
+        linear = [n for n, m in _candidates(model) if _is_linear(m)]
+        shown = ", ".join(linear[:20]) + (f", … ({len(linear)} in all)" if len(linear) > 20 else "")
+        raise ValueError(
+            f"inject_adapters: target_modules={tm!r} (exclude_modules={config.exclude_modules!r}) matches no "
+            f"module of {type(model).__name__}; Linear/Conv1D candidates: [{shown}]"
+        )
+    return chosen
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """The adapter layers of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig | None:
+    """The config ``model`` was injected with, or None."""
+    return getattr(model, _CONFIG_ATTR, None)
+
+
+def _saved_modules(model: nn.Module, saved) -> list[tuple[str, nn.Module]]:
+    found = []
+    for m in saved or ():
+        hits = [(n, mod) for n, mod in model.named_modules() if n == m or n.endswith("." + m)]
+        if not hits:
+            raise ValueError(f"inject_adapters: modules_to_save entry {m!r} matches no module of {type(model).__name__}")
+        found += hits
+    return found
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Wrap the matched modules of ``model`` in place with ``config.method`` adapters.
+
+    Afterwards only adapter parameters (and ``modules_to_save``) have ``requires_grad``.
+    Returns ``model``. A model that already has adapters raises ``ValueError``.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"inject_adapters: config must be an AdapterConfig, got {type(config).__name__}")
+    if adapter_layers(model):
+        raise ValueError("inject_adapters: the model already has adapters; merge_and_unload it first")
+    targets = _targets(model, config)
+    for name, m in targets:
+        if not _is_linear(m):
+            raise TypeError(
+                f"inject_adapters: {name} is a {type(m).__name__}; adapters wrap nn.Linear and transformers "
+                "Conv1D only — narrow target_modules or add it to exclude_modules"
+            )
+    saved = _saved_modules(model, config.modules_to_save)
+    cls = LAYERS[config.method]
+    new_layers = [
+        (name, cls(m, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, name,
+                   init=config.init, core=config.core))
+        for name, m in targets
+    ]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in new_layers:
+        _set_submodule(model, name, layer)
+        for pname, p in layer.named_parameters():
+            if not pname.startswith("base_layer."):
+                p.requires_grad_(True)
+    for _, mod in saved:
+        for p in mod.parameters():
+            p.requires_grad_(True)
+    setattr(model, _CONFIG_ATTR, config)
+    return model
+
+
+def merge_adapters(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge every unmerged adapter into its base weight."""
+    for layer in adapter_layers(model).values():
+        if not layer.merged:
+            layer.merge(safe_merge=safe_merge)
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Unmerge every merged adapter."""
+    for layer in adapter_layers(model).values():
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge every adapter and put the base layers back: a plain model with W + ΔW."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(f"merge_and_unload: {type(model).__name__} has no adapters")
+    for name, layer in layers.items():
+        if not layer.merged:
+            layer.merge(safe_merge=safe_merge)
+        _set_submodule(model, name, layer.base_layer)
+    if hasattr(model, _CONFIG_ATTR):
+        delattr(model, _CONFIG_ATTR)
+    return model
