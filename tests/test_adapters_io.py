@@ -1,0 +1,146 @@
+"""Adapter state dict, save → load, mismatch errors, and exact export to a real PEFT LoRA load."""
+import copy
+import json
+
+import pytest
+import torch
+from test_adapters import Toy, randomize, tiny_bert, tiny_gpt2
+
+from stiefel_opt.adapters import (
+    METHODS,
+    AdapterConfig,
+    adapter_layers,
+    adapter_state_dict,
+    export_peft,
+    inject_adapters,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+)
+
+# PEFT 0.21 reads a transformers property that transformers 5.x deprecates (third-party warning).
+PEFT_WARNING = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+
+
+def adapted(model, config):
+    inject_adapters(model, config)
+    for layer in adapter_layers(model).values():
+        randomize(layer)
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip_into_fresh_model(method, tmp_path):
+    model = Toy()
+    fresh = copy.deepcopy(model)
+    adapted(model, AdapterConfig(method, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                 modules_to_save=["head"]))
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    save_adapters(model, tmp_path)
+    x = torch.randn(4, 8)
+    assert not torch.allclose(fresh(x), model(x))
+    load_adapters(fresh, tmp_path)
+    assert sorted(adapter_layers(fresh)) == sorted(adapter_layers(model))
+    assert torch.equal(fresh(x), model(x))
+    trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_state_dict(fresh))
+
+
+def test_adapter_state_dict_keys_are_model_names():
+    model = adapted(Toy(), AdapterConfig("polar", r=2, target_modules=["q_proj"]))
+    keys = sorted(adapter_state_dict(model))
+    assert keys == [f"layers.{i}.q_proj.{p}" for i in range(2) for p in ("X", "Y", "theta")]
+
+
+def test_load_into_model_with_existing_adapters(tmp_path):
+    cfg = AdapterConfig("stella", r=2, target_modules=["q_proj"])
+    model = Toy()
+    other = copy.deepcopy(model)
+    adapted(model, cfg)
+    save_adapters(model, tmp_path)
+    inject_adapters(other, cfg)
+    load_adapters(other, tmp_path)
+    x = torch.randn(3, 8)
+    assert torch.equal(other(x), model(x))
+    with pytest.raises(ValueError, match="r=4.*r=2"):
+        load_adapters(inject_adapters(Toy(), AdapterConfig("stella", r=4, target_modules=["q_proj"])), tmp_path)
+
+
+def test_mismatched_model_raises_and_loads_nothing(tmp_path):
+    adapted_model = adapted(Toy(), AdapterConfig("polar", r=2, target_modules=["q_proj", "v_proj"]))
+    save_adapters(adapted_model, tmp_path)
+    fewer = inject_adapters(Toy(), AdapterConfig("polar", r=2, target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in adapter_state_dict(fewer).items()}
+    with pytest.raises(ValueError, match=r"does not fit.*unexpected 6.*v_proj"):
+        load_adapters(fewer, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in adapter_state_dict(fewer).items())
+
+    class Wider(Toy):
+        def __init__(self):
+            super().__init__()
+            for b in self.layers:
+                b.q_proj = torch.nn.Linear(8, 12)
+                b.v_proj = torch.nn.Linear(12, 8)
+
+    with pytest.raises(ValueError, match=r"shape mismatch.*q_proj\.X model \(12, 2\) vs checkpoint \(8, 2\)"):
+        load_adapters(Wider(), tmp_path)
+    with pytest.raises(ValueError, match="not found"):
+        load_adapters(Toy(), tmp_path / "nowhere")
+
+
+def test_saving_a_merged_model_is_refused(tmp_path):
+    model = merge_adapters(adapted(Toy(), AdapterConfig("lora", r=2, target_modules=["q_proj"])))
+    with pytest.raises(ValueError, match="merged"):
+        save_adapters(model, tmp_path)
+    with pytest.raises(ValueError, match="no adapters"):
+        save_adapters(Toy(), tmp_path)
+
+
+# --- exact export to PEFT ----------------------------------------------------------------------
+def _targets(method, arch):
+    if method == "symlora":  # square weights only
+        return ["query", "value", "attention.output.dense"] if arch == "bert" else ["attn.c_proj"]
+    return "all-linear"
+
+
+@pytest.mark.filterwarnings(PEFT_WARNING)
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+@pytest.mark.parametrize("method", METHODS)
+def test_export_loads_in_peft_with_identical_outputs(method, arch, tmp_path):
+    from peft import PeftModel
+
+    model = tiny_gpt2() if arch == "gpt2" else tiny_bert(num_labels=3)
+    base = copy.deepcopy(model)
+    saved = ["classifier"] if arch == "bert" else None
+    adapted(model, AdapterConfig(method, r=2, lora_alpha=3, target_modules=_targets(method, arch),
+                                 modules_to_save=saved))
+    if saved:
+        with torch.no_grad():
+            model.classifier.weight.add_(0.5)
+    export_peft(model, tmp_path, task_type="CAUSAL_LM" if arch == "gpt2" else "SEQ_CLS")
+
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 2 and cfg["peft_type"] == "LORA"
+    assert cfg["fan_in_fan_out"] is (arch == "gpt2") and cfg["use_dora"] is (method == "dora")
+    assert cfg["target_modules"] == sorted(adapter_layers(model))
+
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        reference = base(input_ids=ids).logits
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+        theirs = peft_model(input_ids=ids).logits
+    assert (ours - reference).abs().max() > 1e-3  # the adapters do change the function
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_export_uses_peft_magnitude_key(tmp_path):
+    from safetensors.torch import load_file
+
+    model = adapted(Toy(), AdapterConfig("dora", r=2, target_modules=["q_proj"]))
+    export_peft(model, tmp_path)
+    keys = sorted(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert "base_model.model.layers.0.q_proj.lora_magnitude_vector" in keys
+    assert "base_model.model.layers.0.q_proj.lora_A.weight" in keys
+    assert len(keys) == 6
