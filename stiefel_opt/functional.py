@@ -43,6 +43,11 @@ __all__ = [
     "landing_coefficients",
     "polar_coefficients",
     "random_point",
+    "relative_tangent",
+    "riemannian_sgd_update",
+    "riemannian_adam_update",
+    "landing_sgd_update",
+    "landing_adam_update",
     "RETRACTIONS",
     "METRICS",
 ]
@@ -396,3 +401,148 @@ def random_point(*shape: int, dtype: torch.dtype | None = None, device=None, gen
         q = _mT(q)
     return q.contiguous().to(dtype)
 
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer step math (stiefel_opt.optim calls these through its one dispatch table; a fused
+# kernel must keep the same contract). Batched over leading dims; a wide X (orthonormal rows) is
+# handled by transposing every matrix argument. Inputs are expected in the compute dtype (fp32
+# for low-precision parameters: the optimizers keep fp32 masters and moments). Moment buffers are
+# updated in place; the new point is returned. Adam conventions follow torch.optim.Adam:
+# bc1 = 1 − β1ᵗ, bc2 = 1 − β2ᵗ, D = (m / bc1) / (√v / √bc2 + eps).
+# ---------------------------------------------------------------------------------------------
+
+
+def _tall_all(x: Tensor, *others: Tensor | None) -> tuple[bool, list[Tensor | None]]:
+    wide = is_wide(x)
+    mats = [x, *others]
+    return wide, ([_mT(a) for a in mats] if wide else mats)
+
+
+def _relative_tangent(x: Tensor, g: Tensor, xtx: Tensor) -> Tensor:
+    return 0.5 * (g @ xtx - x @ (g.transpose(-1, -2) @ x))
+
+
+@_tall(2)
+def relative_tangent(x: Tensor, g: Tensor) -> Tensor:
+    """Tangent term of the landing field T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ) X (n×n never formed)."""
+    return _relative_tangent(x, g, x.transpose(-1, -2) @ x)
+
+
+def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, t: Tensor,
+                    step: int, beta1: float, beta2: float, eps: float, scalar_v: bool) -> Tensor:
+    """Update the moments in place with t and return D = (m/bc1) / (√v̂/√bc2 + eps).
+
+    scalar_v: v is one value per matrix (shape (…, 1, 1)), the EMA of mean(t²)."""
+    exp_avg.lerp_(t, 1.0 - beta1)
+    if scalar_v:
+        exp_avg_sq.mul_(beta2).add_((t * t).mean(dim=(-2, -1), keepdim=True), alpha=1.0 - beta2)
+    else:
+        exp_avg_sq.mul_(beta2).addcmul_(t, t, value=1.0 - beta2)
+    v = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        v = max_exp_avg_sq
+    bc1 = 1.0 - beta1**step
+    bc2_sqrt = (1.0 - beta2**step) ** 0.5
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    return (exp_avg / denom).div_(bc1)
+
+
+def _momentum(t: Tensor, buf: Tensor | None, momentum: float, dampening: float,
+              nesterov: bool) -> tuple[Tensor, Tensor | None]:
+    """torch.optim.SGD's momentum on t: buf ← t (first step, buf None) or μ·buf + (1−dampening)·t;
+    direction buf, or t + μ·buf with Nesterov. Returns (direction, buf)."""
+    if momentum == 0:
+        return t, buf
+    if buf is None:
+        buf = t.clone()
+    else:
+        buf.mul_(momentum).add_(t, alpha=1.0 - dampening)
+    return (t.add(buf, alpha=momentum) if nesterov else buf), buf
+
+
+def riemannian_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
+                          dampening: float = 0.0, nesterov: bool = False, retraction: str = "polar",
+                          metric: str = "euclidean") -> tuple[Tensor, Tensor | None]:
+    """One Riemannian SGD step: ξ = rgrad(X, G); momentum as torch.optim.SGD on ξ (buf None on the
+    first step → buf = ξ); X⁺ = R_X(−lr·D); buf ← P_{X⁺}(buf) (transport by projection).
+
+    Returns (X⁺, buf) — buf is updated in place when given, created when None and momentum > 0."""
+    wide, (x, g, buf_t) = _tall_all(x, g, buf)
+    rg = egrad2rgrad(x, g, metric)
+    d, buf_t = _momentum(rg, buf_t, momentum, dampening, nesterov)
+    x_new = retract(x, d.mul(-lr), retraction, metric)
+    if buf_t is not None:
+        buf_t.copy_(proj_tangent(x_new, buf_t))
+    if wide:
+        return _mT(x_new), _mT(buf_t)
+    return x_new, buf_t
+
+
+def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                           max_exp_avg_sq: Tensor | None = None, *, step: int, lr: float,
+                           beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                           retraction: str = "polar", metric: str = "euclidean",
+                           scalar_v: bool = False) -> Tensor:
+    """One Riemannian Adam step (moments updated in place, X⁺ returned).
+
+    ξ = rgrad(X, G); m ← β1 m + (1−β1) ξ; v ← β2 v + (1−β2) ξ⊙ξ (scalar_v: mean(ξ²) per matrix,
+    as Bécigneul & Ganea / geoopt but normalised per entry); D = (m/bc1)/(√v̂/√bc2 + eps), projected
+    onto the tangent space at X when v is element-wise; X⁺ = R_X(−lr·D); m ← P_{X⁺}(m)."""
+    wide, (x, g, exp_avg, exp_avg_sq, max_exp_avg_sq) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    rg = egrad2rgrad(x, g, metric)
+    d = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, rg, step, beta1, beta2, eps, scalar_v)
+    if not scalar_v:
+        d = proj_tangent(x, d)
+    x_new = retract(x, d.mul_(-lr), retraction, metric)
+    exp_avg.copy_(proj_tangent(x_new, exp_avg))
+    return _mT(x_new) if wide else x_new
+
+
+def _land(x: Tensor, d: Tensor, xtx: Tensor, *, lr: float, lam: float, safe_eps: float,
+          relative: bool) -> Tensor:
+    """X − η Λ with Λ = D + λX(XᵀX − I) (relative: ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I)) and the
+    per-matrix capped safe step η = min(lr, η*(‖XᵀX − I‖_F, ‖Λ‖_F))."""
+    e = xtx - _eye_like(xtx)
+    if relative:
+        field = d @ (0.5 * xtx) + x @ (lam * e - 0.5 * (d.transpose(-1, -2) @ x))
+    else:
+        field = d + x @ (lam * e)
+    dist = torch.linalg.matrix_norm(e)
+    a = torch.linalg.matrix_norm(field)
+    eta = safe_step(dist, a, lam, safe_eps).clamp_max(lr)
+    return x - eta[..., None, None] * field
+
+
+def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
+                       dampening: float = 0.0, nesterov: bool = False, lam: float = 1.0,
+                       safe_eps: float = 0.5) -> tuple[Tensor, Tensor | None]:
+    """One landing SGD step: T = ½(G·XᵀX − X·GᵀX); D = T, or torch.optim.SGD's momentum on T;
+    Λ = D + λX(XᵀX − I) (= :func:`landing_field` without momentum); X⁺ = X − ηΛ with the per-matrix
+    η = min(lr, η*) of :func:`safe_step`. O(np²): only p×p Grams. Returns (X⁺, buf)."""
+    wide, (x, g, buf_t) = _tall_all(x, g, buf)
+    xtx = x.transpose(-1, -2) @ x
+    t = _relative_tangent(x, g, xtx)
+    d, buf_t = _momentum(t, buf_t, momentum, dampening, nesterov)
+    x_new = _land(x, d, xtx, lr=lr, lam=lam, safe_eps=safe_eps, relative=False)
+    if wide:
+        return _mT(x_new), _mT(buf_t)
+    return x_new, buf_t
+
+
+def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                        max_exp_avg_sq: Tensor | None = None, *, step: int, lr: float,
+                        beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, lam: float = 1.0,
+                        safe_eps: float = 0.5, scalar_v: bool = False) -> Tensor:
+    """One landing Adam step (moments updated in place, X⁺ returned).
+
+    Moments on the tangent term T = ½(G·XᵀX − X·GᵀX), which vanishes exactly at critical points;
+    D = (m/bc1)/(√v̂/√bc2 + eps) (scalar_v: v = EMA of mean(T²) per matrix); D re-projected in the
+    same relative form, Λ = ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I); X⁺ = X − ηΛ with the per-matrix
+    η = min(lr, η*) of :func:`safe_step`. O(np²)."""
+    wide, (x, g, exp_avg, exp_avg_sq, max_exp_avg_sq) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq)
+    xtx = x.transpose(-1, -2) @ x
+    t = _relative_tangent(x, g, xtx)
+    d = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, t, step, beta1, beta2, eps, scalar_v)
+    x_new = _land(x, d, xtx, lr=lr, lam=lam, safe_eps=safe_eps, relative=True)
+    return _mT(x_new) if wide else x_new
