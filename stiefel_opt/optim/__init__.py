@@ -1,0 +1,19 @@
+"""Optimizers: Riemannian and landing SGD/Adam, and riemannian()/landing() for any torch optimizer.
+
+Each optimizer is its ``torch.optim`` twin on Euclidean parameters; Stiefel parameters (a
+``StiefelParameter``, a geoopt ``ManifoldParameter`` on a Stiefel manifold, or any parameter in a
+param group with ``"manifold": "stiefel"``) get the manifold update, batched over equal shapes.
+"""
+from ._base import BACKENDS, STEP_FUNCTIONS, step_function
+from .landing import LandingAdam, LandingSGD
+from .riemannian import RiemannianAdam, RiemannianSGD
+
+__all__ = [
+    "RiemannianSGD",
+    "RiemannianAdam",
+    "LandingSGD",
+    "LandingAdam",
+    "BACKENDS",
+    "STEP_FUNCTIONS",
+    "step_function",
+]
