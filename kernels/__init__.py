@@ -31,9 +31,13 @@ __all__ = [
     "check_tensors",
     "landing_field",
     "retract_polar",
+    "landing_adam_update",
+    "landing_sgd_update",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
+MAX_FUSED_P = 128
+"""Widest p (columns of the tall form) of the fused optimizer steps: one tile holds a whole row."""
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -170,3 +174,99 @@ def retract_polar(x: Tensor, v: Tensor) -> Tensor:
     s, _ = core.gram(x3, v3, core.MODE_SUM)
     core.apply(x3, v3, F.polar_coefficients(s), None, tall3(out))
     return out
+
+
+def _state_view(t: Tensor, tall3: Callable[[Tensor], Tensor], copy_back: list) -> Tensor:
+    """(B, n, p) tall view of an optimizer state tensor, updated in place by the kernels; a
+    layout that cannot be viewed so is worked on as a copy, written back by :func:`_write_back`."""
+    v = tall3(t)
+    if v.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+        copy_back.append((t, v))
+    return v
+
+
+def _write_back(copy_back: list) -> None:
+    for t, v in copy_back:
+        if F.is_wide(t):
+            t.copy_(v.reshape(t.transpose(-1, -2).shape).transpose(-1, -2))
+        else:
+            t.copy_(v.reshape(t.shape))
+
+
+def _landing_plan(xtx: Tensor, dtx: Tensor, dd: Tensor, c_d: Tensor, c_x: Tensor, *, lr: float,
+                  lam: float, safe_eps: float) -> tuple[Tensor, Tensor]:
+    """p×p phase of a landing step: with Λ = D·C_D + X·C_X, d = ‖XᵀX − I‖_F, a = ‖Λ‖_F (from the
+    Grams), η = min(lr, safe_step(d, a)); returns the coefficients of X⁺ = X − ηΛ = X·(I − ηC_X) +
+    D·(−ηC_D)."""
+    eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
+    dist = torch.linalg.matrix_norm(xtx - eye)
+    a = F.frobenius_from_gram(c_d, c_x, dd, dtx.transpose(-1, -2), xtx)
+    eta = F.safe_step(dist, a, lam, safe_eps).clamp_max(lr)[..., None, None]
+    return eye - eta * c_x, -eta * c_d
+
+
+def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                        max_exp_avg_sq: Tensor | None = None, *, step: int, lr: float,
+                        beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, lam: float = 1.0,
+                        safe_eps: float = 0.5, scalar_v: bool = False) -> Tensor:
+    """Fused :func:`stiefel_opt.functional.landing_adam_update` (moments updated in place, X⁺
+    returned), three passes over a batch (B, n, p): Gram [X G]; moments of T = ½(G·XᵀX − X·GᵀX)
+    with the Grams of D; X⁺ = X − ηΛ. ``scalar_v=True`` or more than :data:`MAX_FUSED_P`
+    columns (rows, for a wide matrix) run the torch reference.
+    """
+    from . import _steps
+
+    state = (exp_avg, exp_avg_sq) + (() if max_exp_avg_sq is None else (max_exp_avg_sq,))
+    (x3, g3, *_), tall3, out = _tall_batch("landing_adam_update", x, g, *state)
+    if scalar_v or x3.shape[-1] > MAX_FUSED_P:
+        return F.landing_adam_update(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
+                                     beta1=beta1, beta2=beta2, eps=eps, lam=lam,
+                                     safe_eps=safe_eps, scalar_v=scalar_v)
+    core = _load()
+    copy_back: list = []
+    m3 = _state_view(exp_avg, tall3, copy_back)
+    v3 = _state_view(exp_avg_sq, tall3, copy_back)
+    w3 = None if max_exp_avg_sq is None else _state_view(max_exp_avg_sq, tall3, copy_back)
+    xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
+    c1, c2 = F.landing_coefficients(xtx, gtx, 0.0)  # T = G·C1 + X·C2
+    bc = dict(bc1=1.0 - beta1**step, bc2_sqrt=(1.0 - beta2**step) ** 0.5, eps=eps)
+    dtx, dd = _steps.moments(_steps.ADAM, g3, x3, c1, c2, m3, v3, w3, beta1=beta1, beta2=beta2, **bc)
+    c_d, c_x = F.landing_coefficients(xtx, dtx, lam)
+    k_x, k_d = _landing_plan(xtx, dtx, dd, c_d, c_x, lr=lr, lam=lam, safe_eps=safe_eps)
+    _steps.land(_steps.ADAM, g3, x3, c1, c2, m3, v3 if w3 is None else w3, k_x, k_d, tall3(out), **bc)
+    _write_back(copy_back)
+    return out
+
+
+def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
+                       dampening: float = 0.0, nesterov: bool = False, lam: float = 1.0,
+                       safe_eps: float = 0.5) -> tuple[Tensor, Tensor | None]:
+    """Fused :func:`stiefel_opt.functional.landing_sgd_update`, returning (X⁺, buf): three passes
+    over a batch (B, n, p): Gram [X G]; momentum on T = ½(G·XᵀX − X·GᵀX) with the Grams of the
+    direction D; X⁺ = X − η(D + λX(XᵀX − I)). A buffer is created (buf None, momentum > 0) or
+    updated in place. More than :data:`MAX_FUSED_P` columns run the torch reference.
+    """
+    from . import _steps
+
+    mats = (x, g) if buf is None else (x, g, buf)
+    (x3, g3, *_), tall3, out = _tall_batch("landing_sgd_update", *mats)
+    if x3.shape[-1] > MAX_FUSED_P:
+        return F.landing_sgd_update(x, g, buf, lr=lr, momentum=momentum, dampening=dampening,
+                                    nesterov=nesterov, lam=lam, safe_eps=safe_eps)
+    core = _load()
+    copy_back: list = []
+    first = buf is None or momentum == 0  # D = T: no buffer is read (or written, momentum 0)
+    if buf is None and momentum != 0:
+        buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    m3 = x3 if momentum == 0 else _state_view(buf, tall3, copy_back)
+    xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
+    c1, c2 = F.landing_coefficients(xtx, gtx, 0.0)  # T = G·C1 + X·C2
+    mom = dict(momentum=momentum, nesterov=nesterov or momentum == 0)
+    dtx, dd = _steps.moments(_steps.SGD, g3, x3, c1, c2, m3, dampening=dampening, first=first,
+                             store=momentum != 0, **mom)
+    eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
+    c_d, c_x = eye.expand_as(xtx), lam * (xtx - eye)
+    k_x, k_d = _landing_plan(xtx, dtx, dd, c_d, c_x, lr=lr, lam=lam, safe_eps=safe_eps)
+    _steps.land(_steps.SGD, g3, x3, c1, c2, m3, None, k_x, k_d, tall3(out), **mom)
+    _write_back(copy_back)
+    return out, buf

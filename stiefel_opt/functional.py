@@ -42,6 +42,7 @@ __all__ = [
     "safe_step",
     "landing_coefficients",
     "polar_coefficients",
+    "frobenius_from_gram",
     "random_point",
     "relative_tangent",
     "riemannian_sgd_update",
@@ -383,6 +384,18 @@ def polar_coefficients(gram: Tensor) -> Tensor:
     """
     m = _inv_sqrt_psd(gram)
     return m @ (1.5 * _eye_like(gram) - 0.5 * (m @ gram @ m))
+
+
+def frobenius_from_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb: Tensor) -> Tensor:
+    """‖A·C_A + B·C_B‖_F from p×p matrices only, given the Grams AᵀA, BᵀA, BᵀB:
+    √max(tr(C_AᵀAᵀA C_A) + 2 tr(C_AᵀAᵀB C_B) + tr(C_BᵀBᵀB C_B), 0), one value per matrix.
+
+    For fused kernels: the norm of a field such as Λ = D·C_D + X·C_X without a pass over it.
+    """
+    sq = (c_a * (aa @ c_a)).sum((-2, -1))
+    sq = sq + 2.0 * (c_a * (ba.transpose(-1, -2) @ c_b)).sum((-2, -1))
+    sq = sq + (c_b * (bb @ c_b)).sum((-2, -1))
+    return sq.clamp_min(0.0).sqrt()
 
 
 def random_point(*shape: int, dtype: torch.dtype | None = None, device=None, generator=None) -> Tensor:
