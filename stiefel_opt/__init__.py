@@ -4,6 +4,18 @@ Layers (imports point down only): adapters → optim → manifolds → functiona
 """
 from . import functional
 from .manifolds import SharedQSpectral, Stiefel, StiefelParameter, constrain
+from . import diagnostics
+from .adapters import (
+    AdapterConfig,
+    adapter_state_dict,
+    export_peft,
+    inject_adapters,
+    load_adapters,
+    merge_and_unload,
+    param_groups,
+    save_adapters,
+)
+from .diagnostics import adapter_report, feasibility, stable_rank
 
 __version__ = "0.1.0"
 
@@ -13,4 +25,16 @@ __all__ = [
     "StiefelParameter",
     "SharedQSpectral",
     "constrain",
+    "diagnostics",
+    "AdapterConfig",
+    "inject_adapters",
+    "merge_and_unload",
+    "adapter_state_dict",
+    "save_adapters",
+    "load_adapters",
+    "export_peft",
+    "param_groups",
+    "stable_rank",
+    "feasibility",
+    "adapter_report",
 ]

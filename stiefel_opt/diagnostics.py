@@ -16,10 +16,15 @@ from . import functional as F
 __all__ = ["stable_rank", "feasibility", "lowrank_norm", "adapter_report", "snapshot", "Report"]
 
 
+def _fp(t: Tensor) -> Tensor:
+    """Detached, in fp32 at least (fp64 stays fp64)."""
+    return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _singular_values(b: Tensor, a: Tensor | None) -> Tensor:
     if a is None:
-        return torch.linalg.svdvals(b.detach().float())
-    b, a = b.detach().float(), a.detach().float()
+        return torch.linalg.svdvals(_fp(b))
+    b, a = _fp(b), _fp(a)
     if b.shape[-1] != a.shape[-2]:
         raise ValueError(f"stable_rank: factors do not chain, B {tuple(b.shape)} and A {tuple(a.shape)}")
     rb = torch.linalg.qr(b).R
@@ -38,7 +43,7 @@ def stable_rank(m: Tensor, a: Tensor | None = None) -> float:
 
 def lowrank_norm(b: Tensor, a: Tensor) -> float:
     """‖B A‖_F from r×r Grams: ‖BA‖_F² = Σ (BᵀB) ⊙ (A Aᵀ)."""
-    b, a = b.detach().float(), a.detach().float()
+    b, a = _fp(b), _fp(a)
     return float(((b.mT @ b) * (a @ a.mT)).sum().clamp_min(0.0).sqrt())
 
 

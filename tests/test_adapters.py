@@ -362,3 +362,26 @@ def test_all_linear_skips_transformers_output_head_and_wraps_conv1d():
     assert layer.fan_in_fan_out and (layer.out_features, layer.in_features) == (48, 16)
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert trainable and all(n.split(".")[-1] in ("X", "Y", "theta") for n in trainable)
+
+
+# --- param groups ----------------------------------------------------------------------------
+def test_param_groups_split_stiefel_free_and_no_decay():
+    from stiefel_opt.adapters import param_groups
+
+    m = inject_adapters(Toy(), AdapterConfig("stella", r=2, target_modules=["q_proj"], core="diag",
+                                             modules_to_save=["head"]))
+    groups = param_groups(m, lr=1e-3, stiefel_lr_scale=4.0, weight_decay=0.1)
+    assert len(groups) == 3
+    stiefel, decay, no_decay = groups
+    assert stiefel["manifold"] == "stiefel" and stiefel["weight_decay"] == 0.0 and stiefel["lr"] == 4e-3
+    assert len(stiefel["params"]) == 4 and all(isinstance(p, StiefelParameter) for p in stiefel["params"])
+    assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [(3, 8)]
+    assert no_decay["weight_decay"] == 0.0 and sorted(p.shape for p in no_decay["params"]) == [(2,), (2,), (3,)]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(groups)  # a stock optimizer accepts the groups as they are
+    assert opt.param_groups[0]["manifold"] == "stiefel"
+    with pytest.raises(ValueError, match="lr"):
+        param_groups(m, lr=0.0)
+    with pytest.raises(ValueError, match="no trainable"):
+        param_groups(nn.Linear(2, 2).requires_grad_(False), lr=1.0)
