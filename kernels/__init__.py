@@ -33,6 +33,7 @@ __all__ = [
     "retract_polar",
     "landing_adam_update",
     "landing_sgd_update",
+    "auto_dispatch",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -270,3 +271,15 @@ def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, m
     _steps.land(_steps.SGD, g3, x3, c1, c2, m3, None, k_x, k_d, tall3(out), **mom)
     _write_back(copy_back)
     return out, buf
+
+
+def auto_dispatch(torch_fn: Callable, triton_fn: Callable) -> Callable:
+    """A step function for ``backend="auto"``: ``triton_fn`` when :func:`resolve_backend` picks
+    Triton for its first two tensor arguments (the point and the gradient), else ``torch_fn``."""
+
+    @functools.wraps(torch_fn)
+    def step(x: Tensor, g: Tensor, *args, **kwargs):
+        fn = triton_fn if resolve_backend("auto", x, g) == "triton" else torch_fn
+        return fn(x, g, *args, **kwargs)
+
+    return step

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from .. import functional as F
+from .. import kernels as _kernels
 from ..manifolds import Stiefel, as_stiefel, is_stiefel
 
 __all__ = ["BACKENDS", "STEP_FUNCTIONS", "step_function", "param_manifold"]
@@ -37,7 +38,12 @@ STEP_FUNCTIONS: dict[str, dict[str, Callable]] = {
         "riemannian_adam": F.riemannian_adam_update,
         "landing_sgd": F.landing_sgd_update,
         "landing_adam": F.landing_adam_update,
-    }
+    },
+    # fused kernels (stiefel_opt.kernels; triton is imported on their first call only)
+    "triton": {
+        "landing_sgd": _kernels.landing_sgd_update,
+        "landing_adam": _kernels.landing_adam_update,
+    },
 }
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -48,7 +54,7 @@ def _resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if "triton" in STEP_FUNCTIONS and torch.cuda.is_available() else "torch"
+        return "auto"  # per call, from the tensors' device and dtype (see step_function)
     if backend not in STEP_FUNCTIONS:
         raise ValueError(
             f"backend={backend!r}: no fused optimizer-step kernels are registered yet; use "
@@ -58,8 +64,22 @@ def _resolve_backend(backend: str) -> str:
 
 
 def step_function(name: str, backend: str = "auto") -> Callable:
-    """The batched step function ``name`` for ``backend`` (the optimizers' one dispatch point)."""
-    return STEP_FUNCTIONS[_resolve_backend(backend)][name]
+    """The batched step function ``name`` for ``backend`` (the optimizers' one dispatch point).
+
+    ``"auto"``: the fused kernel when one is registered for ``name`` and the stack is on CUDA in a
+    supported dtype with triton installed, the torch function otherwise (decided per call).
+    """
+    backend = _resolve_backend(backend)
+    fused = STEP_FUNCTIONS.get("triton", {}).get(name)
+    if backend == "auto":
+        torch_fn = STEP_FUNCTIONS["torch"][name]
+        return torch_fn if fused is None else _kernels.auto_dispatch(torch_fn, fused)
+    if backend == "triton" and fused is None:
+        raise ValueError(
+            f"backend='triton': no fused kernel for the {name!r} step yet (fused: "
+            f"{sorted(STEP_FUNCTIONS['triton'])}); use backend='torch' or 'auto'"
+        )
+    return STEP_FUNCTIONS[backend][name]
 
 
 def param_manifold(group: dict, p: Tensor) -> Stiefel | None:
