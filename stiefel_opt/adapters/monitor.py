@@ -48,17 +48,16 @@ def _callback_class():
     from transformers import TrainerCallback
 
     class AdapterDiagnosticsCallback(TrainerCallback):
-        """``Trainer`` callback running an :class:`AdapterMonitor` on the trained model at every
-        optimizer step (``state.global_step``); the summary (mean stable rank, worst
-        feasibility, mean update norm) is also added, prefixed ``adapters/``, to the next
-        ``on_log`` logs. Reports are in ``callback.history``."""
+        """``Trainer`` callback running an :class:`AdapterMonitor` on the trained model after
+        every optimizer step (``state.global_step``). Each report's summary (mean stable rank,
+        worst feasibility, mean update norm), prefixed ``adapters/``, is appended with its step to
+        ``state.log_history``; full reports are in ``callback.history`` and go to ``log``."""
 
         def __init__(self, every: int = 50, log: Callable[[int, Report], None] | None = None):
             if not isinstance(every, int) or every < 1:
                 raise ValueError(f"AdapterDiagnosticsCallback: every must be a positive int, got {every!r}")
             self.every, self.log = every, log
             self.monitor: AdapterMonitor | None = None
-            self._pending: dict[str, float] = {}
 
         @property
         def history(self) -> list[tuple[int, Report]]:
@@ -70,12 +69,8 @@ def _callback_class():
         def on_step_end(self, args, state, control, **kwargs):
             report = self.monitor.step(state.global_step)
             if report is not None:
-                self._pending = {f"adapters/{k}": v for k, v in report.summary().items()}
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs is not None and self._pending:
-                logs.update(self._pending)
-                self._pending = {}
+                summary = {f"adapters/{k}": v for k, v in report.summary().items()}
+                state.log_history.append({**summary, "step": state.global_step})
 
     return AdapterDiagnosticsCallback
 
