@@ -385,3 +385,14 @@ def test_param_groups_split_stiefel_free_and_no_decay():
         param_groups(m, lr=0.0)
     with pytest.raises(ValueError, match="no trainable"):
         param_groups(nn.Linear(2, 2).requires_grad_(False), lr=1.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapters_follow_model_dtype_casts(method):
+    m = inject_adapters(Toy(), AdapterConfig(method, r=2, target_modules=["q_proj", "v_proj"])).double()
+    for layer in adapter_layers(m).values():
+        randomize(layer)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    layer = adapter_layers(m)["layers.0.q_proj"]
+    torch.testing.assert_close(layer(x), dense_forward(layer, x), rtol=1e-10, atol=1e-10)
+    assert m(x).dtype == torch.float64

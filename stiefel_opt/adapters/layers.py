@@ -83,6 +83,10 @@ class AdapterLayer(nn.Module):
     # --- shapes and the base weight ------------------------------------------------------------
     @property
     def adapter_dtype(self) -> torch.dtype:
+        """The dtype of the adapter's own parameters (follows ``model.to(...)``)."""
+        for name, p in self.named_parameters():
+            if not name.startswith("base_layer."):
+                return p.dtype
         return self._factory["dtype"]
 
     def base_weight(self) -> Tensor:
