@@ -3,6 +3,13 @@
 Layers wrap a frozen ``nn.Linear``/``Conv1D``; Stiefel factors are ``StiefelParameter``s, so any
 optimizer of :mod:`stiefel_opt.optim` (or geoopt) sees ordinary constrained parameters.
 peft, transformers and safetensors are imported only by the functions that need them.
+
+    cfg = AdapterConfig("polar", r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    inject_adapters(model, cfg)                      # only adapter parameters stay trainable
+    opt = LandingAdam(param_groups(model, lr=4e-3), lr=4e-3)
+    ...
+    save_adapters(model, "ckpt")                     # our format (factors)
+    export_peft(model, "peft_ckpt")                  # plain PEFT LoRA, exact (lora_alpha = r)
 """
 from .groups import param_groups
 from .inject import (
