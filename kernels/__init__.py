@@ -125,8 +125,9 @@ def resolve_backend(backend: str, *tensors: Tensor | None) -> str:
 
 
 def _tall_batch(fn_name: str, *mats: Tensor) -> tuple[list[Tensor], Callable[[Tensor], Tensor], Tensor]:
-    """Check same-shape matrices; return their (B, n, p) tall views, a function mapping a (B, n, p)
-    result back to the input layout, and an empty output with the input's shape and dtype."""
+    """Check same-shape matrices (the point first, then the gradient, then any state); return the
+    (B, n, p) tall forms of the first two, the map from an input-layout tensor to its (B, n, p)
+    tall form, and an empty output with the point's shape and dtype."""
     x = mats[0]
     if x.dim() < 2:
         raise ValueError(
@@ -147,7 +148,7 @@ def _tall_batch(fn_name: str, *mats: Tensor) -> tuple[list[Tensor], Callable[[Te
             t = t.transpose(-1, -2)
         return t.reshape(-1, *t.shape[-2:])
 
-    return [tall3(m) for m in mats], tall3, out
+    return [tall3(m) for m in mats[:2]], tall3, out
 
 
 def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
@@ -218,7 +219,7 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     from . import _steps
 
     state = (exp_avg, exp_avg_sq) + (() if max_exp_avg_sq is None else (max_exp_avg_sq,))
-    (x3, g3, *_), tall3, out = _tall_batch("landing_adam_update", x, g, *state)
+    (x3, g3), tall3, out = _tall_batch("landing_adam_update", x, g, *state)
     if scalar_v or x3.shape[-1] > MAX_FUSED_P:
         return F.landing_adam_update(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
                                      beta1=beta1, beta2=beta2, eps=eps, lam=lam,
@@ -242,31 +243,32 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
 def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
                        dampening: float = 0.0, nesterov: bool = False, lam: float = 1.0,
                        safe_eps: float = 0.5) -> tuple[Tensor, Tensor | None]:
-    """Fused :func:`stiefel_opt.functional.landing_sgd_update`, returning (X⁺, buf): three passes
-    over a batch (B, n, p): Gram [X G]; momentum on T = ½(G·XᵀX − X·GᵀX) with the Grams of the
-    direction D; X⁺ = X − η(D + λX(XᵀX − I)). A buffer is created (buf None, momentum > 0) or
-    updated in place. More than :data:`MAX_FUSED_P` columns run the torch reference.
+    """Fused :func:`stiefel_opt.functional.landing_sgd_update`, returning (X⁺, buf): D = G or
+    torch's momentum on G; Λ = ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I); X⁺ = X − ηΛ with the safe step.
+    Passes over a batch (B, n, p): Gram XᵀX; momentum with the Grams DᵀX, DᵀD; land. A buffer is
+    created (buf None, momentum > 0) or updated in place. More than :data:`MAX_FUSED_P` columns
+    run the torch reference.
     """
     from . import _steps
 
     mats = (x, g) if buf is None else (x, g, buf)
-    (x3, g3, *_), tall3, out = _tall_batch("landing_sgd_update", *mats)
+    (x3, g3), tall3, out = _tall_batch("landing_sgd_update", *mats)
     if x3.shape[-1] > MAX_FUSED_P:
         return F.landing_sgd_update(x, g, buf, lr=lr, momentum=momentum, dampening=dampening,
                                     nesterov=nesterov, lam=lam, safe_eps=safe_eps)
     core = _load()
     copy_back: list = []
-    first = buf is None or momentum == 0  # D = T: no buffer is read (or written, momentum 0)
+    first = buf is None or momentum == 0  # D = G: no buffer is read (or written, momentum 0)
     if buf is None and momentum != 0:
         buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     m3 = x3 if momentum == 0 else _state_view(buf, tall3, copy_back)
-    xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
-    c1, c2 = F.landing_coefficients(xtx, gtx, 0.0)  # T = G·C1 + X·C2
+    xtx, _ = core.gram(x3, g3, core.MODE_X_G)
+    eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
+    c1, c2 = eye.expand_as(xtx), torch.zeros_like(xtx)  # the kernels' "T = G·C1 + X·C2" is G
     mom = dict(momentum=momentum, nesterov=nesterov or momentum == 0)
     dtx, dd = _steps.moments(_steps.SGD, g3, x3, c1, c2, m3, dampening=dampening, first=first,
                              store=momentum != 0, **mom)
-    eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
-    c_d, c_x = eye.expand_as(xtx), lam * (xtx - eye)
+    c_d, c_x = F.landing_coefficients(xtx, dtx, lam)
     k_x, k_d = _landing_plan(xtx, dtx, dd, c_d, c_x, lr=lr, lam=lam, safe_eps=safe_eps)
     _steps.land(_steps.SGD, g3, x3, c1, c2, m3, None, k_x, k_d, tall3(out), **mom)
     _write_back(copy_back)

@@ -138,7 +138,7 @@ def test_landing_sgd_step_matches_reference(shape, lr, mode, bf16):
         assert new_buf is None
     else:
         assert buf is None or new_buf is buf  # updated in place
-        _close(new_buf, ref_new_buf.to(dtype), dtype)
+        _close(new_buf, ref_new_buf.to(new_buf.dtype), new_buf.dtype)
 
 def test_kernel_errors_name_the_fault():
     x = torch.randn(5, 3)
@@ -241,8 +241,8 @@ def _brockett_run(opt_cls, backend, steps=20, **kw):
     [
         ("LandingAdam", dict(lr=0.05, lam=1.0)),
         ("LandingAdam", dict(lr=0.05, lam=0.5, amsgrad=True)),
-        ("LandingSGD", dict(lr=0.02, momentum=0.9, nesterov=True, lam=1.0)),
-        ("LandingSGD", dict(lr=0.02, momentum=0.9, dampening=0.1, lam=1.0)),
+        ("LandingSGD", dict(lr=0.005, momentum=0.9, nesterov=True, lam=1.0)),
+        ("LandingSGD", dict(lr=0.005, momentum=0.9, dampening=0.1, lam=1.0)),
         ("LandingSGD", dict(lr=0.02, lam=2.0)),
     ],
 )
