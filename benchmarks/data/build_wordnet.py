@@ -7,8 +7,8 @@ DIR holds WordNet's ``data.noun`` (Debian/Ubuntu: ``apt-get install wordnet-base
 
 The task: given the definition of a noun synset (the gloss up to its first example sentence,
 without the synset's own words), predict its lexicographer file (noun.artifact, noun.person, ...).
-The ``CLASSES`` are the ten noun files with the most synsets; ``PER_CLASS`` synsets are drawn
-from each (seeded), ``TEST_PER_CLASS`` of them form the test split. Each line is
+The ``CLASSES`` are the ten noun files with the most synsets; definitions shared by several
+synsets are dropped (so no text is in both splits); ``PER_CLASS`` synsets are drawn from each (seeded), ``TEST_PER_CLASS`` of them form the test split. Each line is
 ``{"id": "<synset offset>", "text": ..., "label": "<lexicographer file>", "split": "train"|"test"}``.
 """
 from __future__ import annotations
@@ -73,8 +73,12 @@ def build(wordnet_dir: Path, output: Path = OUTPUT) -> dict[str, int]:
     rng = random.Random(SEED)
     rows = []
     glosses = read_noun_glosses(wordnet_dir)
+    seen: dict[str, int] = {}
+    for synsets in glosses.values():
+        for _, text in synsets:
+            seen[text] = seen.get(text, 0) + 1
     for label in sorted(CLASSES.values()):
-        synsets = glosses[label]
+        synsets = [(o, t) for o, t in glosses[label] if seen[t] == 1]  # a repeated text could cross splits
         picked = rng.sample(sorted(synsets), PER_CLASS)
         for i, (offset, text) in enumerate(picked):
             rows.append({"id": offset, "text": text, "label": label, "split": "test" if i < TEST_PER_CLASS else "train"})
