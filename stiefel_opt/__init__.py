@@ -4,6 +4,7 @@ Layers (imports point down only): adapters → optim → manifolds → functiona
 """
 from . import functional
 from .manifolds import SharedQSpectral, Stiefel, StiefelParameter, constrain
+from .optim.lora_rite import LoRARITE
 from . import diagnostics
 from .adapters import (
     AdapterConfig,
@@ -25,6 +26,7 @@ __all__ = [
     "StiefelParameter",
     "SharedQSpectral",
     "constrain",
+    "LoRARITE",
     "diagnostics",
     "AdapterConfig",
     "inject_adapters",

@@ -49,6 +49,13 @@ __all__ = [
     "riemannian_adam_update",
     "landing_sgd_update",
     "landing_adam_update",
+    "rite_basis",
+    "rite_unmagnified_gram",
+    "rite_transport",
+    "rite_escaped_mass",
+    "rite_inv_root",
+    "rite_first_moment",
+    "rite_update",
     "RETRACTIONS",
     "METRICS",
 ]
@@ -413,6 +420,120 @@ def random_point(*shape: int, dtype: torch.dtype | None = None, device=None, gen
     if wide:
         q = _mT(q)
     return q.contiguous().to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA-RITE (Yen et al., ICLR 2025, arXiv 2410.20625): per-factor step math.
+#
+# Both LoRA factors are written in their *tall* form, X ∈ R^{n×r} (the long dimension first):
+# for ΔW = B A (PEFT: A is r×in, B is out×r) the factors are Aᵀ (in×r) and B (out×r), and
+# ΔW = B (Aᵀ)ᵀ. For a factor X with partner Y = U R (thin QR), ∇_X = Ĝ Y with Ĝ = ∂L/∂ΔW or its
+# transpose, and the *unmagnified gradient* is ḡ = ∇_X R⁺ (= Ĝ U for full-rank Y). No function
+# below forms ḡ (n×r): only r×r matrices and one n×r product per moment are computed.
+# Pass fp32 (or fp64) tensors; rite_basis upcasts low-precision factors itself.
+# ---------------------------------------------------------------------------------------------
+
+
+def rite_basis(y: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor]:
+    """Thin QR of a tall factor, Y = U R (U n×r orthonormal), returning (U, R⁺).
+
+    R⁺ is the pseudo-inverse of the r×r factor R with singular values below rtol·σ_max treated as
+    zero (rtol defaults to √ε_mach: 1.5e-8 in fp64, 3.5e-4 in fp32). So R⁺ = R⁻¹ for a
+    well-conditioned Y, R⁺ = 0 for Y = 0 (the usual LoRA initialisation of B), and a partner of
+    numerically lower rank (e.g. B after one step on a gradient of rank < r) gets no rounding
+    noise amplified along its null directions. R⁻¹ comes from a triangular solve when
+    ‖R‖_F‖R⁻¹‖_F < 1/rtol certifies the conditioning (one host sync), else from an SVD.
+    Low precision is computed in fp32.
+    """
+    y = y.to(_compute_dtype(y.dtype))
+    if rtol is None:
+        rtol = torch.finfo(y.dtype).eps ** 0.5
+    u, r = torch.linalg.qr(y)
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
+    r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
+    cond = torch.linalg.matrix_norm(r) * torch.linalg.matrix_norm(r_inv)
+    if bool((cond < 1.0 / rtol).all()):
+        return u, r_inv
+    return u, torch.linalg.pinv(r, rtol=rtol)
+
+
+def rite_unmagnified_gram(grad_x: Tensor, r_pinv_y: Tensor) -> Tensor:
+    """ḡᵀḡ = R⁺ᵀ (∇_Xᵀ ∇_X) R⁺ (r×r), the Gram matrix of the unmagnified gradient ḡ = ∇_X R⁺.
+
+    It is invariant under Y → Y S (S invertible) up to the rotation of the basis U. Non-finite
+    entries of ∇_X show up on its diagonal.
+    """
+    gram = sym(grad_x.transpose(-1, -2) @ grad_x)
+    return sym(r_pinv_y.transpose(-1, -2) @ gram @ r_pinv_y)
+
+
+def rite_transport(u_new: Tensor, u_old: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Basis change P = U_newᵀ U_old (r×r, ‖P‖₂ ≤ 1) and the transported second moment sym(P V Pᵀ).
+
+    A statistic V (r×r) expressed in the old basis is expressed in the new one; a first moment M
+    (n×r) moves as M Pᵀ (see :func:`rite_first_moment`). U_old = 0 (no history) gives P = 0.
+    """
+    p = u_new.transpose(-1, -2) @ u_old
+    return p, sym(p @ v @ p.transpose(-1, -2))
+
+
+def rite_escaped_mass(v_old: Tensor, v_transported: Tensor) -> Tensor:
+    """Escaped mass d_λ(V, P V Pᵀ) = max_i (λ_i(V) − λ_i(P V Pᵀ))₊ over eigenvalues sorted alike.
+
+    The smallest ρ ≥ 0 with λ_i(P V Pᵀ + ρI) ≥ λ_i(V) for every i: the spectral mass lost when the
+    old statistics are projected onto the new basis. One value per matrix (shape v.shape[:-2]).
+    """
+    lam = torch.linalg.eigvalsh(torch.stack([v_old, v_transported]))
+    return (lam[0] - lam[1]).amax(dim=-1).clamp_min(0.0)
+
+
+def rite_inv_root(v: Tensor, rho: Tensor | float = 0.0, eps: float = 1e-6) -> Tensor:
+    """K = Q diag(1/(√(λ + ρ) + ε)) Qᵀ for V = Q diag(λ) Qᵀ: the preconditioner (V + ρI)^(−1/2), with ε
+    added to the roots as in Adam. λ is clamped at 0; ρ is one value per matrix (V.shape[:-2])."""
+    lam, q = torch.linalg.eigh(v)
+    if isinstance(rho, Tensor):
+        rho = rho.unsqueeze(-1)
+    scale = 1.0 / ((lam.clamp_min(0.0) + rho).sqrt() + eps)
+    return (q * scale.unsqueeze(-2)) @ q.transpose(-1, -2)
+
+
+def _bmm_add(c: Tensor | None, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """beta·C + alpha·A B for batched (…×n×k)(…×k×r), through one baddbmm over flattened batch dims."""
+    lead = a.shape[:-2]
+    a3 = a.reshape(-1, *a.shape[-2:])
+    b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    if c is None:
+        return torch.bmm(a3, b3).mul_(alpha).reshape(*lead, a.shape[-2], b.shape[-1])
+    c3 = c.reshape(-1, *c.shape[-2:])
+    return torch.baddbmm(c3, a3, b3, beta=beta, alpha=alpha).reshape(c.shape)
+
+
+def rite_first_moment(m: Tensor, p: Tensor, grad_x: Tensor, r_pinv_y: Tensor, k: Tensor,
+                      beta1: Tensor | float) -> Tensor:
+    """M_new = β₁ M Pᵀ + (1 − β₁) ḡ K with ḡ = ∇_X R⁺: the first moment of the *preconditioned*
+    unmagnified gradient, the old moment transported to the new basis. β₁ may be one value per
+    matrix; it is folded into the r×r factors, so the n×r work is two products."""
+    if isinstance(beta1, Tensor):
+        beta1 = beta1[..., None, None]
+    moved = _bmm_add(None, m, beta1 * p.transpose(-1, -2))
+    return _bmm_add(moved, grad_x.to(m.dtype), r_pinv_y @ ((1 - beta1) * k))
+
+
+def rite_update(x: Tensor, m: Tensor, r_pinv_y: Tensor, lr: float, decay: float = 1.0) -> Tensor:
+    """X_new = decay·X − lr · M R⁺ᵀ. The product Y Xᵀ then moves by −lr M R⁺ᵀ Rᵀ Uᵀ = −lr M Uᵀ
+    (full-rank Y, decay = 1): the step on ΔW depends on the partner only through its column space."""
+    return _bmm_add(x, m, r_pinv_y.transpose(-1, -2), beta=decay, alpha=-lr)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer step math (stiefel_opt.optim calls these through its one dispatch table; a fused
+# kernel must keep the same contract). Batched over leading dims; a wide X (orthonormal rows) is
+# handled by transposing every matrix argument. Inputs are expected in the compute dtype (fp32
+# for low-precision parameters: the optimizers keep fp32 masters and moments). Moment buffers are
+# updated in place; the new point is returned. Adam conventions follow torch.optim.Adam:
+# bc1 = 1 − β1ᵗ, bc2 = 1 − β2ᵗ, D = (m / bc1) / (√v / √bc2 + eps).
+# ---------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------

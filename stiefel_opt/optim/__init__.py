@@ -6,6 +6,7 @@ param group with ``"manifold": "stiefel"``) get the manifold update, batched ove
 """
 from ._base import BACKENDS, STEP_FUNCTIONS, step_function
 from .landing import LandingAdam, LandingSGD
+from .lora_rite import LoRARITE
 from .riemannian import RiemannianAdam, RiemannianSGD
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "RiemannianAdam",
     "LandingSGD",
     "LandingAdam",
+    "LoRARITE",
     "BACKENDS",
     "STEP_FUNCTIONS",
     "step_function",

@@ -1,0 +1,362 @@
+"""LoRA-RITE: transformation invariance, r = 1, convergence, LoRA training, API contracts."""
+import copy
+import math
+
+import pytest
+import torch
+
+from stiefel_opt import functional as F
+from stiefel_opt.optim.lora_rite import LoRARITE
+
+
+def _well_conditioned(r, dtype=torch.float64):
+    """Q diag(σ) Q'ᵀ with σ in [0.6, 1.9]: an invertible r×r matrix of condition number ≤ 3.2."""
+    q1 = torch.linalg.qr(torch.randn(r, r, dtype=dtype))[0]
+    q2 = torch.linalg.qr(torch.randn(r, r, dtype=dtype))[0]
+    return q1 @ torch.diag(torch.linspace(0.6, 1.9, r, dtype=dtype)) @ q2.T
+
+
+def _problem(out=24, inp=20, rank=6, dtype=torch.float64):
+    t = torch.randn(out, rank, dtype=dtype) @ torch.randn(rank, inp, dtype=dtype) / math.sqrt(rank)
+    x = torch.randn(64, inp, dtype=dtype)
+    return t, x
+
+
+def _run(a, b, target, x, make_opt, steps):
+    """Fit ΔW = B A to the map x ↦ x targetᵀ (a quartic loss, so the Hessian changes along the run)."""
+    a = a.clone().requires_grad_()
+    b = b.clone().requires_grad_()
+    opt = make_opt(a, b)
+    for _ in range(steps):
+        opt.zero_grad()
+        err = x @ (b @ a - target).T
+        loss = 0.5 * err.square().mean() + 0.05 * err.square().mean().square()
+        loss.backward()
+        opt.step()
+    return (b @ a).detach()
+
+
+def _rite(**kw):
+    return lambda a, b: LoRARITE([(a, b)], **kw)
+
+
+def _adam(**kw):
+    return lambda a, b: torch.optim.Adam([a, b], **kw)
+
+
+def _rel(x, y):
+    return float((x - y).norm() / y.norm())
+
+
+@pytest.mark.parametrize("r, init", [(4, "random"), (4, "peft"), (1, "random")])
+def test_invariant_to_factor_reparametrization_adam_is_not(r, init):
+    """ΔW after 50 steps from (A, B) and from (S⁻¹A, BS) agree; the gradient has rank 6 > r, so B
+    has full rank after its first step from 0 (invariance needs full-rank factors)."""
+    target, x = _problem()
+    a = torch.randn(r, 20, dtype=torch.float64) / math.sqrt(20)
+    b = torch.randn(24, r, dtype=torch.float64) * 0.3 if init == "random" else torch.zeros(24, r, dtype=torch.float64)
+    s = _well_conditioned(r)
+    a2, b2 = torch.linalg.solve(s, a), b @ s
+    w1 = _run(a, b, target, x, _rite(lr=1e-2), 50)
+    w2 = _run(a2, b2, target, x, _rite(lr=1e-2), 50)
+    assert float(w1.norm()) > 0.1  # ΔW moved
+    assert _rel(w2, w1) < 1e-4
+    w1 = _run(a, b, target, x, _adam(lr=1e-2), 50)
+    w2 = _run(a2, b2, target, x, _adam(lr=1e-2), 50)
+    assert _rel(w2, w1) > 1e-2
+
+
+def test_invariant_with_escaped_mass_off_and_no_clip():
+    target, x = _problem()
+    a = torch.randn(4, 20, dtype=torch.float64) / math.sqrt(20)
+    b = torch.randn(24, 4, dtype=torch.float64) * 0.3
+    s = _well_conditioned(4) * 7.0  # also a global scale
+    kw = dict(lr=2e-2, escaped_mass=False, clip=None, betas=(0.8, 0.99))
+    w1 = _run(a, b, target, x, _rite(**kw), 50)
+    w2 = _run(torch.linalg.solve(s, a), b @ s, target, x, _rite(**kw), 50)
+    assert _rel(w2, w1) < 1e-4
+
+
+def test_rank_one_is_normalized_factor_descent():
+    """r = 1, β₁ = β₂ = 0, ε = 0: δA = −η √in ∇_A/(‖∇_A‖ ‖B‖) and δB = −η √out ∇_B/(‖∇_B‖ ‖A‖)."""
+    out, inp, lr = 9, 7, 0.1
+    a = torch.randn(1, inp, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out, 1, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(out, inp, dtype=torch.float64)
+    (g * (b @ a)).sum().backward()
+    ga, gb = a.grad.clone(), b.grad.clone()
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    LoRARITE([(a, b)], lr=lr, betas=(0.0, 0.0), eps=0.0, escaped_mass=False, clip=None).step()
+    da = -lr * math.sqrt(inp) * ga / (ga.norm() * b0.norm())
+    db = -lr * math.sqrt(out) * gb / (gb.norm() * a0.norm())
+    torch.testing.assert_close(a.detach() - a0, da, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.detach() - b0, db, rtol=1e-10, atol=1e-12)
+
+
+def test_converges_on_low_rank_regression_with_unbalanced_factors():
+    """½‖BA − T‖², T of rank 3 (σ from 1 to 0.1), 40×40, factors scaled by 100 and 1/100."""
+    torch.manual_seed(1)
+    u = torch.linalg.qr(torch.randn(40, 3))[0]
+    v = torch.linalg.qr(torch.randn(40, 3))[0]
+    target = u @ torch.diag(torch.tensor([1.0, 0.3, 0.1])) @ v.T
+
+    def fit(make_opt, steps=300):
+        g = torch.Generator().manual_seed(2)
+        a = (torch.randn(3, 40, generator=g) * 10.0).requires_grad_()
+        b = (torch.randn(40, 3, generator=g) * 1e-3).requires_grad_()
+        opt = make_opt(a, b)
+        for _ in range(steps):
+            opt.zero_grad()
+            (0.5 * (b @ a - target).square().sum()).backward()
+            opt.step()
+        return float((b @ a - target).detach().norm() / target.norm())
+
+    rite = fit(_rite(lr=1e-2))
+    adam = fit(_adam(lr=1e-2))
+    assert rite < 1e-3
+    assert adam > 10 * rite
+
+
+def test_trains_small_transformers_model_with_lora_adapters():
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from stiefel_opt.adapters import AdapterConfig, LoraLayer, adapter_layers, inject_adapters
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                     initializer_range=0.2, loss_type="ForCausalLM")
+    model = inject_adapters(GPT2LMHeadModel(cfg),
+                            AdapterConfig(method="lora", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
+    pairs = [(m.lora_A, m.lora_B) for m in adapter_layers(model).values() if isinstance(m, LoraLayer)]
+    assert len(pairs) == 4
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(t) for pair in pairs for t in pair}
+    opt = LoRARITE(pairs, lr=2e-2)
+    ids = torch.randint(1, 32, (8, 12), generator=torch.Generator().manual_seed(3))
+
+    def loss_fn():
+        return model(input_ids=ids, labels=ids).loss
+
+    with torch.no_grad():
+        first = float(loss_fn())
+    for _ in range(40):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    with torch.no_grad():
+        last = float(loss_fn())
+    assert last < 0.8 * first
+    assert all(torch.isfinite(t).all() for pair in pairs for t in pair)
+
+
+def test_plain_params_get_torch_adamw_bit_identically():
+    a = torch.randn(3, 10, requires_grad=True)
+    b = torch.randn(8, 3, requires_grad=True)
+    w = torch.randn(8, 10, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    w2, bias2 = w.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    kw = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1)
+    ours = LoRARITE([{"pairs": [(a, b)], "params": [w, bias], **kw}])
+    ref = torch.optim.AdamW([w2, bias2], **kw)
+    x = torch.randn(16, 10)
+    for _ in range(7):
+        for opt, ww, bb in ((ours, w, bias), (ref, w2, bias2)):
+            opt.zero_grad()
+            y = x @ (ww + (b @ a if opt is ours else 0)).T + bb
+            y.square().mean().backward()
+        # the same gradient for the plain parameters
+        w2.grad, bias2.grad = w.grad.clone(), bias.grad.clone()
+        ours.step()
+        ref.step()
+        assert torch.equal(w, w2) and torch.equal(bias, bias2)
+
+
+def test_same_shape_pairs_batched_equal_one_at_a_time():
+    target, x = _problem(out=12, inp=10)
+    pairs = [(torch.randn(3, 10, dtype=torch.float64).requires_grad_(),
+              torch.randn(12, 3, dtype=torch.float64).requires_grad_()) for _ in range(3)]
+    solo = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in pairs]
+    together = LoRARITE(pairs, lr=1e-2, clip=None)
+    alone = [LoRARITE([p], lr=1e-2, clip=None) for p in solo]
+    for _ in range(10):
+        for group, opts in ((pairs, [together]), (solo, alone)):
+            for opt in opts:
+                opt.zero_grad()
+            sum(0.5 * (x @ (b @ a - target).T).square().mean() for a, b in group).backward()
+            for opt in opts:
+                opt.step()
+    for (a, b), (a2, b2) in zip(pairs, solo):
+        torch.testing.assert_close(b @ a, b2 @ a2, rtol=1e-12, atol=1e-12)
+
+
+def _train(pairs, opt, x, steps):
+    """A few steps on ‖x (BA)ᵀ − y‖² with y = x·1 (B = 0 is not a critical point)."""
+    for _ in range(steps):
+        opt.zero_grad()
+        sum((x @ (b @ a).T.to(x.dtype) - x.sum(-1, keepdim=True)).square().mean() for a, b in pairs).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_is_bit_identical(dtype):
+    x = torch.randn(16, 10)
+    make = lambda: [(torch.randn(2, 10, dtype=dtype).requires_grad_(),  # noqa: E731
+                     torch.randn(6, 2, dtype=dtype).requires_grad_()) for _ in range(2)]
+    pairs = make()
+    opt = LoRARITE(pairs, lr=1e-2)
+    _train(pairs, opt, x, 5)
+    saved_pairs = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in pairs]
+    saved = copy.deepcopy(opt.state_dict())
+    _train(pairs, opt, x, 5)
+    resumed = LoRARITE(saved_pairs, lr=1e-2)
+    resumed.load_state_dict(saved)
+    assert resumed.state[saved_pairs[0][0]]["exp_avg"].dtype == torch.float32
+    _train(saved_pairs, resumed, x, 5)
+    for (a, b), (a2, b2) in zip(pairs, saved_pairs):
+        assert torch.equal(a, a2) and torch.equal(b, b2)
+
+
+def test_deepcopy_continues_identically():
+    x = torch.randn(16, 10)
+    pairs = [(torch.randn(2, 10).requires_grad_(), torch.randn(6, 2).requires_grad_())]
+    opt = LoRARITE(pairs, lr=1e-2)
+    _train(pairs, opt, x, 3)
+    pairs2, opt2 = copy.deepcopy((pairs, opt))
+    _train(pairs, opt, x, 3)
+    _train(pairs2, opt2, x, 3)
+    assert torch.equal(pairs[0][0], pairs2[0][0]) and torch.equal(pairs[0][1], pairs2[0][1])
+
+
+def test_load_state_dict_of_other_layout_is_rejected():
+    p1 = [(torch.randn(2, 10, requires_grad=True), torch.randn(6, 2, requires_grad=True))]
+    p2 = p1 + [(torch.randn(2, 10, requires_grad=True), torch.randn(6, 2, requires_grad=True))]
+    with pytest.raises(ValueError, match="different layout"):
+        LoRARITE(p2).load_state_dict(LoRARITE(p1).state_dict())
+
+
+def test_nonfinite_gradient_skips_only_that_pair():
+    pairs = [(torch.randn(2, 10, requires_grad=True), torch.randn(6, 2, requires_grad=True)) for _ in range(3)]
+    before = [(a.detach().clone(), b.detach().clone()) for a, b in pairs]
+    opt = LoRARITE(pairs, lr=1e-2)
+    for a, b in pairs:
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    pairs[1][1].grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(pairs[1][0], before[1][0]) and torch.equal(pairs[1][1], before[1][1])
+    assert not torch.equal(pairs[0][0], before[0][0]) and not torch.equal(pairs[2][1], before[2][1])
+    assert opt.nonfinite_skips == 1
+    assert float(opt.state[pairs[1][0]]["step"]) == 0.0 and float(opt.state[pairs[0][0]]["step"]) == 1.0
+    assert torch.count_nonzero(opt.state[pairs[1][0]]["exp_avg"]) == 0
+    for a, b in pairs:
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()  # the next finite step works for every pair
+    assert all(torch.isfinite(t).all() for pair in pairs for t in pair)
+
+    strict = LoRARITE([pairs[0]], nonfinite="raise")
+    pairs[0][0].grad[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        strict.step()
+
+
+def test_errors_name_the_pair():
+    a, b = torch.randn(4, 10, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    bad = torch.randn(6, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"pair 1: A has shape \(4, 10\).*\(6, 3\)"):
+        LoRARITE([(a, b), (a.detach().clone().requires_grad_(), bad)])
+    with pytest.raises(ValueError, match="pair 0: rank r = 4 exceeds"):
+        LoRARITE([(torch.randn(4, 3, requires_grad=True), torch.randn(6, 4, requires_grad=True))])
+    with pytest.raises(ValueError, match="appears twice"):
+        LoRARITE([(a, b), (a, b)])
+    with pytest.raises(TypeError, match="tuple"):
+        LoRARITE([a, b])
+    with pytest.raises(ValueError, match="betas"):
+        LoRARITE([(a, b)], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="nonfinite"):
+        LoRARITE([{"pairs": [(a, b)], "nonfinite": "ignore"}])
+
+
+def test_weight_decay_is_decoupled_and_zero_gradient_gives_no_step():
+    a, b = torch.randn(2, 10, requires_grad=True), torch.randn(6, 2, requires_grad=True)
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    opt = LoRARITE([(a, b)], lr=0.1, weight_decay=0.5)
+    a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
+    opt.step()
+    torch.testing.assert_close(a.detach(), a0 * 0.95)
+    torch.testing.assert_close(b.detach(), b0 * 0.95)
+
+
+def test_lr_scheduler_and_bf16_factors():
+    x = torch.randn(16, 10)
+    pairs = [(torch.randn(2, 10, dtype=torch.bfloat16).requires_grad_(),
+              torch.zeros(6, 2, dtype=torch.bfloat16).requires_grad_())]
+    opt = LoRARITE(pairs, lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(4):
+        _train(pairs, opt, x, 1)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+    assert pairs[0][0].dtype == torch.bfloat16 and opt.state[pairs[0][0]]["exp_avg_sq"].dtype == torch.float32
+    assert torch.count_nonzero(pairs[0][1]) > 0
+
+
+# -- functional pieces -----------------------------------------------------------------------
+
+
+def test_functional_pieces_match_their_formulas():
+    n, r = 12, 3
+    y = torch.randn(n, r, dtype=torch.float64)
+    grad = torch.randn(n, r, dtype=torch.float64)
+    u, r_pinv = F.rite_basis(y)
+    torch.testing.assert_close(u.T @ u, torch.eye(r, dtype=torch.float64))
+    torch.testing.assert_close(u @ torch.linalg.inv(r_pinv), y)
+    gbar = grad @ r_pinv
+    torch.testing.assert_close(F.rite_unmagnified_gram(grad, r_pinv), gbar.T @ gbar)
+    v = torch.randn(r, r, dtype=torch.float64)
+    v = v @ v.T
+    m = torch.randn(n, r, dtype=torch.float64)
+    u_old = torch.linalg.qr(torch.randn(n, r, dtype=torch.float64))[0]
+    p, v_moved = F.rite_transport(u, u_old, v)
+    torch.testing.assert_close(p, u.T @ u_old)
+    torch.testing.assert_close(v_moved, p @ v @ p.T)
+    k = F.rite_inv_root(v, torch.tensor(0.1, dtype=torch.float64), eps=0.0)
+    torch.testing.assert_close(k @ k, torch.linalg.inv(v + 0.1 * torch.eye(r, dtype=torch.float64)))
+    torch.testing.assert_close(F.rite_first_moment(m, p, grad, r_pinv, k, 0.9),
+                               0.9 * m @ p.T + 0.1 * gbar @ k)
+    x = torch.randn(n, r, dtype=torch.float64)
+    torch.testing.assert_close(F.rite_update(x, m, r_pinv, 0.1, 0.99), 0.99 * x - 0.1 * m @ r_pinv.T)
+
+
+def test_unmagnified_gram_is_invariant_to_partner_reparametrization():
+    """With ∇_X = Ĝ Y: Y → Y S leaves the spectrum of ḡᵀḡ = R⁺ᵀ ∇ᵀ∇ R⁺ unchanged."""
+    g_hat = torch.randn(15, 11, dtype=torch.float64)
+    y = torch.randn(11, 3, dtype=torch.float64)
+    s = _well_conditioned(3)
+    spectra = []
+    for yy in (y, y @ s):
+        _, r_pinv = F.rite_basis(yy)
+        spectra.append(torch.linalg.eigvalsh(F.rite_unmagnified_gram(g_hat @ yy, r_pinv)))
+    torch.testing.assert_close(spectra[0], spectra[1])
+
+
+def test_escaped_mass_is_zero_without_rotation_and_positive_with_it():
+    v = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    u = torch.linalg.qr(torch.randn(10, 3, dtype=torch.float64))[0]
+    _, same = F.rite_transport(u, u, v)
+    assert float(F.rite_escaped_mass(v, same)) == pytest.approx(0.0, abs=1e-12)
+    u2 = torch.linalg.qr(u + 0.5 * torch.randn(10, 3, dtype=torch.float64))[0]
+    _, moved = F.rite_transport(u2, u, v)
+    rho = F.rite_escaped_mass(v, moved)
+    assert float(rho) > 0
+    lam_old = torch.linalg.eigvalsh(v)
+    lam_new = torch.linalg.eigvalsh(moved + rho * torch.eye(3, dtype=torch.float64))
+    assert bool((lam_new >= lam_old - 1e-12).all())
+
+
+def test_basis_of_zero_factor_has_zero_pseudo_inverse():
+    u, r_pinv = F.rite_basis(torch.zeros(2, 8, 3))
+    assert u.shape == (2, 8, 3) and torch.count_nonzero(r_pinv) == 0
+    _, r_pinv = F.rite_basis(torch.randn(8, 3, dtype=torch.bfloat16))
+    assert r_pinv.dtype == torch.float32
