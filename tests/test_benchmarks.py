@@ -125,3 +125,12 @@ def test_finetune_top_layers_on_cached_states_match_the_full_model():
     m = enc["attention_mask"][..., None].float()
     torch.testing.assert_close(pooled, (full * m).sum(1) / m.sum(1), rtol=1e-4, atol=1e-5)
     assert labels.tolist() == [0, 1]
+
+
+def test_feasibility_run_one_reports_distance_curve():
+    feasibility = pytest.importorskip("benchmarks.feasibility")
+    import stiefel_opt as so
+
+    res = feasibility.run_one("RiemannianSGD", lambda ps: so.RiemannianSGD(ps, lr=0.1), torch.float32, 20, 10)
+    assert res["error"] is None and [t for t, _ in res["curve"]] == [0, 10, 20]
+    assert max(d for _, d in res["curve"]) < 1e-4
