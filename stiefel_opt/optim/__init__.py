@@ -8,6 +8,7 @@ from ._base import BACKENDS, STEP_FUNCTIONS, step_function
 from .landing import LandingAdam, LandingSGD
 from .lora_rite import LoRARITE
 from .riemannian import RiemannianAdam, RiemannianSGD
+from .wrappers import TANGENT_STATE_KEYS, landing, riemannian
 
 __all__ = [
     "RiemannianSGD",
@@ -15,6 +16,9 @@ __all__ = [
     "LandingSGD",
     "LandingAdam",
     "LoRARITE",
+    "riemannian",
+    "landing",
+    "TANGENT_STATE_KEYS",
     "BACKENDS",
     "STEP_FUNCTIONS",
     "step_function",

@@ -24,7 +24,8 @@ class LandingSGD(_LandingChecks, SGDFamily, torch.optim.SGD):
     """Landing SGD on Stiefel parameters; exactly ``torch.optim.SGD`` on every other parameter.
 
     On a Stiefel parameter X (n×p, or a wide matrix with orthonormal rows): T = ½(G·XᵀX − X·GᵀX);
-    D = T, or torch's momentum on T; Λ = D + λX(XᵀX − I); X ← X − ηΛ with the per-matrix safe step
+    D = T, or torch's momentum on T; Λ = T + R(D − T) + λX(XᵀX − I), R(V) = ½(V·XᵀX − X·VᵀX)
+    (without momentum, the landing field); X ← X − ηΛ with the per-matrix safe step
     η = min(lr, η*(‖XᵀX − I‖_F, ‖Λ‖_F)) capped at 1/(2λ), which keeps ‖XᵀX − I‖_F ≤ safe_eps.
     No retraction, no n×n matrix: O(np²). X need not start on the manifold (‖XᵀX − I‖_F < safe_eps).
 
