@@ -526,15 +526,6 @@ def rite_update(x: Tensor, m: Tensor, r_pinv_y: Tensor, lr: float, decay: float 
 
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimizer step math (stiefel_opt.optim calls these through its one dispatch table; a fused
-# kernel must keep the same contract). Batched over leading dims; a wide X (orthonormal rows) is
-# handled by transposing every matrix argument. Inputs are expected in the compute dtype (fp32
-# for low-precision parameters: the optimizers keep fp32 masters and moments). Moment buffers are
-# updated in place; the new point is returned. Adam conventions follow torch.optim.Adam:
-# bc1 = 1 − β1ᵗ, bc2 = 1 − β2ᵗ, D = (m / bc1) / (√v / √bc2 + eps).
-# ---------------------------------------------------------------------------------------------
-
 
 # ---------------------------------------------------------------------------------------------
 # Optimizer step math (stiefel_opt.optim calls these through its one dispatch table; a fused
@@ -633,15 +624,16 @@ def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Te
     return _mT(x_new) if wide else x_new
 
 
-def _land(x: Tensor, d: Tensor, xtx: Tensor, *, lr: float, lam: float, safe_eps: float,
-          relative: bool) -> Tensor:
-    """X − η Λ with Λ = D + λX(XᵀX − I) (relative: ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I)) and the
-    per-matrix capped safe step η = min(lr, η*(‖XᵀX − I‖_F, ‖Λ‖_F))."""
+def _relative(x: Tensor, d: Tensor, xtx: Tensor) -> Tensor:
+    """Relative form R(D) = ½(D·XᵀX − X·DᵀX) = skew(D Xᵀ) X: ⟨R(D), X(XᵀX − I)⟩ = 0 for any D."""
+    return 0.5 * (d @ xtx - x @ (d.transpose(-1, -2) @ x))
+
+
+def _land(x: Tensor, tangent: Tensor, xtx: Tensor, *, lr: float, lam: float, safe_eps: float) -> Tensor:
+    """X − η Λ with Λ = tangent + λX(XᵀX − I) and the per-matrix capped safe step
+    η = min(lr, η*(‖XᵀX − I‖_F, ‖Λ‖_F)); ``tangent`` must be a relative form S·X (S skew)."""
     e = xtx - _eye_like(xtx)
-    if relative:
-        field = d @ (0.5 * xtx) + x @ (lam * e - 0.5 * (d.transpose(-1, -2) @ x))
-    else:
-        field = d + x @ (lam * e)
+    field = tangent + x @ (lam * e)
     dist = torch.linalg.matrix_norm(e)
     a = torch.linalg.matrix_norm(field)
     eta = safe_step(dist, a, lam, safe_eps).clamp_max(lr)
@@ -651,14 +643,18 @@ def _land(x: Tensor, d: Tensor, xtx: Tensor, *, lr: float, lam: float, safe_eps:
 def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
                        dampening: float = 0.0, nesterov: bool = False, lam: float = 1.0,
                        safe_eps: float = 0.5) -> tuple[Tensor, Tensor | None]:
-    """One landing SGD step: T = ½(G·XᵀX − X·GᵀX); D = T, or torch.optim.SGD's momentum on T;
-    Λ = D + λX(XᵀX − I) (= :func:`landing_field` without momentum); X⁺ = X − ηΛ with the per-matrix
-    η = min(lr, η*) of :func:`safe_step`. O(np²): only p×p Grams. Returns (X⁺, buf)."""
+    """One landing SGD step. T = ½(G·XᵀX − X·GᵀX); D = T, or torch.optim.SGD's momentum on T;
+    Λ = T + R(D − T) + λX(XᵀX − I) with R(V) = ½(V·XᵀX − X·VᵀX) (without momentum D = T and Λ is
+    :func:`landing_field`; the relative form keeps the safe-step bound valid for a momentum built
+    at earlier points, and Λ vanishes at critical points where T = 0); X⁺ = X − ηΛ with the
+    per-matrix η = min(lr, η*) of :func:`safe_step`. O(np²): only p×p Grams. Returns (X⁺, buf)."""
     wide, (x, g, buf_t) = _tall_all(x, g, buf)
     xtx = x.transpose(-1, -2) @ x
     t = _relative_tangent(x, g, xtx)
     d, buf_t = _momentum(t, buf_t, momentum, dampening, nesterov)
-    x_new = _land(x, d, xtx, lr=lr, lam=lam, safe_eps=safe_eps, relative=False)
+    if momentum:
+        d = t + _relative(x, d - t, xtx)
+    x_new = _land(x, d, xtx, lr=lr, lam=lam, safe_eps=safe_eps)
     if wide:
         return _mT(x_new), _mT(buf_t)
     return x_new, buf_t
@@ -678,5 +674,5 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     xtx = x.transpose(-1, -2) @ x
     t = _relative_tangent(x, g, xtx)
     d = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, t, step, beta1, beta2, eps, scalar_v)
-    x_new = _land(x, d, xtx, lr=lr, lam=lam, safe_eps=safe_eps, relative=True)
+    x_new = _land(x, _relative(x, d, xtx), xtx, lr=lr, lam=lam, safe_eps=safe_eps)
     return _mT(x_new) if wide else x_new
