@@ -5,6 +5,7 @@ Layers (imports point down only): adapters → optim → manifolds → functiona
 from . import functional
 from .manifolds import SharedQSpectral, Stiefel, StiefelParameter, constrain
 from .optim.lora_rite import LoRARITE
+from .optim import LandingAdam, LandingSGD, RiemannianAdam, RiemannianSGD, landing, riemannian
 from . import diagnostics
 from .adapters import (
     AdapterConfig,
@@ -27,6 +28,12 @@ __all__ = [
     "SharedQSpectral",
     "constrain",
     "LoRARITE",
+    "RiemannianSGD",
+    "RiemannianAdam",
+    "LandingSGD",
+    "LandingAdam",
+    "riemannian",
+    "landing",
     "diagnostics",
     "AdapterConfig",
     "inject_adapters",
