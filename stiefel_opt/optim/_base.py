@@ -21,7 +21,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as _torch_adam
 from torch.optim.optimizer import _use_grad_for_differentiable
+from torch.optim.sgd import sgd as _torch_sgd
 
 from .. import functional as F
 from .. import kernels as _kernels
@@ -416,7 +418,7 @@ class SGDFamily(StiefelOptimizer):
         grads: list[Tensor] = []
         bufs: list[Tensor | None] = []
         has_sparse_grad = torch.optim.SGD._init_group(self, sub, ps, grads, bufs)
-        torch.optim.sgd.sgd(
+        _torch_sgd(
             ps, grads, bufs,
             weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
             dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
@@ -477,7 +479,7 @@ class AdamFamily(StiefelOptimizer):
         steps: list[Tensor] = []
         has_complex = torch.optim.Adam._init_group(self, sub, ps, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
         beta1, beta2 = group["betas"]
-        torch.optim.adam.adam(
+        _torch_adam(
             ps, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
             amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
