@@ -155,7 +155,7 @@ def test_mkdocs_build_strict(tmp_path):
     for page in ("index.html", "math/index.html", "api/functional/index.html", "api/optim/index.html"):
         assert (tmp_path / "site" / page).is_file(), page
     api = (tmp_path / "site" / "api" / "optim" / "index.html").read_text()
-    for name in ("RiemannianSGD", "RiemannianAdam", "LandingSGD", "LandingAdam", "riemannian", "landing"):
+    for name in ("RiemannianSGD", "RiemannianAdam", "LandingSGD", "LandingAdam", "LoRARITE", "riemannian", "landing"):
         assert f'id="stiefel_opt.optim.{name}"' in api or f'id="stiefel_opt.optim.wrappers.{name}"' in api, name
 
 
