@@ -121,7 +121,7 @@ def test_trains_small_transformers_model_with_lora_adapters():
     pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from stiefel_opt.adapters import AdapterConfig, LoraLayer, adapter_layers, inject_adapters
+    from stiefel_opt.adapters import AdapterConfig, inject_adapters, lora_pairs
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
@@ -129,8 +129,8 @@ def test_trains_small_transformers_model_with_lora_adapters():
                      initializer_range=0.2, loss_type="ForCausalLM")
     model = inject_adapters(GPT2LMHeadModel(cfg),
                             AdapterConfig(method="lora", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
-    pairs = [(m.lora_A, m.lora_B) for m in adapter_layers(model).values() if isinstance(m, LoraLayer)]
-    assert len(pairs) == 4
+    pairs = lora_pairs(model)
+    assert len(pairs) == 4 and all(a.shape[0] == b.shape[1] == 4 for a, b in pairs)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(t) for pair in pairs for t in pair}
     opt = LoRARITE(pairs, lr=2e-2)

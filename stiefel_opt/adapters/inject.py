@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import LAYERS, AdapterLayer, is_conv1d
+from .layers import LAYERS, AdapterLayer, LoraLayer, is_conv1d
 
 __all__ = [
     "AdapterConfig",
@@ -179,6 +179,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     """The adapter layers of ``model`` by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def lora_pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """The (A, B) factor pairs (A: r×in, B: out×r, ΔW ∝ BA) of the LoRA/DoRA layers, for LoRARITE."""
+    return [(m.lora_A, m.lora_B) for m in adapter_layers(model).values() if isinstance(m, LoraLayer)]
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig | None:
