@@ -14,6 +14,7 @@ adapters call it.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 
 import torch
@@ -44,6 +45,8 @@ __all__ = [
     "polar_coefficients",
     "frobenius_from_gram",
     "random_point",
+    "gram",
+    "cholesky_qr",
     "relative_tangent",
     "riemannian_sgd_update",
     "riemannian_adam_update",
@@ -69,9 +72,44 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+#: The active row-sharded reduction (set by :func:`stiefel_opt.distributed.row_sharded`), else None.
+#: Inside it every matrix argument is the local row block of a tall matrix whose rows are split
+#: over processes: the n-row Gram products AᵀB are summed over the shards (:func:`gram`), and so
+#: are the Frobenius norms and means of n-row matrices; every other operation is row-local.
+_ROW_REDUCE: contextvars.ContextVar = contextvars.ContextVar("stiefel_opt_row_reduce", default=None)
+
+
 def is_wide(x: Tensor) -> bool:
-    """True when the matrix has fewer rows than columns (orthonormal rows are meant)."""
-    return x.shape[-2] < x.shape[-1]
+    """True when the matrix has fewer rows than columns (orthonormal rows are meant).
+
+    Always False inside a row-sharded reduction: the local row block of a tall matrix may be wide."""
+    return x.shape[-2] < x.shape[-1] and _ROW_REDUCE.get() is None
+
+
+def gram(a: Tensor, b: Tensor) -> Tensor:
+    """AᵀB over the last two dims (p×q for n×p A and n×q B): the one place for n-row products.
+
+    Inside a row-sharded reduction (:mod:`stiefel_opt.distributed`) A and B are local row blocks
+    and the result is Σ_shards A_kᵀB_k, one all-reduce of the p×q matrix."""
+    out = a.transpose(-1, -2) @ b
+    red = _ROW_REDUCE.get()
+    return out if red is None else red.sum(out)
+
+
+def _frobenius(a: Tensor) -> Tensor:
+    """‖A‖_F per matrix; under a row-sharded reduction √(Σ_shards ‖A_k‖²_F) (one value per matrix)."""
+    red = _ROW_REDUCE.get()
+    if red is None:
+        return torch.linalg.matrix_norm(a)
+    return red.sum(a.square().sum(dim=(-2, -1))).sqrt()
+
+
+def _mean_square(a: Tensor) -> Tensor:
+    """mean(A²) per matrix, shape (…, 1, 1); under a row-sharded reduction over all rows of all shards."""
+    red = _ROW_REDUCE.get()
+    if red is None:
+        return (a * a).mean(dim=(-2, -1), keepdim=True)
+    return red.sum(a.square().sum(dim=(-2, -1), keepdim=True)) / (red.rows * a.shape[-1])
 
 
 def _mT(x: Tensor | None) -> Tensor | None:
@@ -130,7 +168,7 @@ def _eye_like(g: Tensor) -> Tensor:
 @_tall(1, returns_matrix=False)
 def gram_identity_gap(x: Tensor) -> Tensor:
     """XᵀX − I (p×p, in the compute dtype), for tall X or the row form of a wide one."""
-    g = x.transpose(-1, -2) @ x
+    g = gram(x, x)
     return g - _eye_like(g)
 
 
@@ -142,13 +180,13 @@ def distance(x: Tensor) -> Tensor:
 @_tall(2)
 def proj_tangent(x: Tensor, u: Tensor) -> Tensor:
     """Euclidean-metric tangent projection P_X(U) = U − X sym(XᵀU)."""
-    return u - x @ sym(x.transpose(-1, -2) @ u)
+    return u - x @ sym(gram(x, u))
 
 
 @_tall(2)
 def canonical_rgrad(x: Tensor, g: Tensor) -> Tensor:
     """Canonical-metric Riemannian gradient G − X GᵀX."""
-    return g - x @ (g.transpose(-1, -2) @ x)
+    return g - x @ gram(g, x)
 
 
 def egrad2rgrad(x: Tensor, g: Tensor, metric: str = "euclidean") -> Tensor:
@@ -191,13 +229,13 @@ def _polar_via_gram(y: Tensor) -> Tensor:
     The refinement is one Newton–Schulz step, which squares the residual ‖YᵀY − I‖ left by
     the fp32 eigh of the Gram matrix.
     """
-    q = y @ _inv_sqrt_psd(y.transpose(-1, -2) @ y)
+    q = y @ _inv_sqrt_psd(gram(y, y))
     return _newton_schulz_step(q)
 
 
 def _newton_schulz_step(y: Tensor) -> Tensor:
     """One step of the Newton–Schulz polar iteration Y ← Y (3I − YᵀY)/2."""
-    g = y.transpose(-1, -2) @ y
+    g = gram(y, y)
     return y @ (1.5 * _eye_like(g) - 0.5 * g)
 
 
@@ -216,7 +254,9 @@ def _sign_fixed_qr(y: Tensor) -> Tensor:
 
 @_tall(2)
 def retract_qr(x: Tensor, v: Tensor) -> Tensor:
-    """QR retraction: the Q factor of X + V with diag(R) > 0."""
+    """QR retraction: the Q factor of X + V with diag(R) > 0 (row-sharded: :func:`cholesky_qr`)."""
+    if _ROW_REDUCE.get() is not None:
+        return cholesky_qr(x + v)
     return _sign_fixed_qr(x + v)
 
 
@@ -227,19 +267,19 @@ def retract_cayley(x: Tensor, v: Tensor) -> Tensor:
     W X = V for tangent V. With W = L Rᵀ, L = [P, X], R = [X, −P] (n×2p), the Woodbury identity
     gives Y = X + L (I − RᵀL/2)⁻¹ RᵀX: one 2p×2p solve, never an n×n matrix (Wen & Yin 2013).
     """
-    p_ = v - 0.5 * x @ (x.transpose(-1, -2) @ v)
+    p_ = v - 0.5 * x @ gram(x, v)
     left = torch.cat([p_, x], dim=-1)
     right = torch.cat([x, -p_], dim=-1)
-    rl = right.transpose(-1, -2) @ left
+    rl = gram(right, left)
     eye = torch.eye(rl.shape[-1], dtype=rl.dtype, device=rl.device)
-    rhs = right.transpose(-1, -2) @ x
+    rhs = gram(right, x)
     return x + left @ torch.linalg.solve(eye - 0.5 * rl, rhs)
 
 
 @_tall(2)
 def _retract_exp_euclidean(x: Tensor, v: Tensor) -> Tensor:
-    a = x.transpose(-1, -2) @ v
-    s = v.transpose(-1, -2) @ v
+    a = gram(x, v)
+    s = gram(v, v)
     eye = _eye_like(a).expand_as(a)
     block = torch.cat(
         [torch.cat([a, -s], dim=-1), torch.cat([eye, a], dim=-1)],
@@ -252,6 +292,11 @@ def _retract_exp_euclidean(x: Tensor, v: Tensor) -> Tensor:
 
 @_tall(2)
 def _retract_exp_canonical(x: Tensor, v: Tensor) -> Tensor:
+    if _ROW_REDUCE.get() is not None:
+        raise ValueError(
+            "retract_exp: the canonical-metric geodesic needs a QR of the whole (I − XXᵀ)V and cannot "
+            "run on row shards; use retraction 'polar', 'newton_schulz', 'qr', 'cayley' or metric='euclidean'"
+        )
     a = x.transpose(-1, -2) @ v
     a = skew(a)
     q, r = torch.linalg.qr(v - x @ a)
@@ -284,7 +329,7 @@ def newton_schulz(y: Tensor, steps: int = 8) -> Tensor:
     Y is first scaled by 1/√‖YᵀY‖_F (when that exceeds 1) so that ‖Y‖₂ ≤ 1 < √3, which the
     iteration needs to converge; near-orthonormal Y converges quadratically.
     """
-    g = y.transpose(-1, -2) @ y
+    g = gram(y, y)
     scale = torch.linalg.matrix_norm(g).clamp_min(1.0).rsqrt()
     y = y * scale[..., None, None]
     for _ in range(steps):
@@ -348,9 +393,9 @@ def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
     """
     p = x.shape[-1]
     xg = torch.cat([x, g], dim=-1)
-    gram = xg.transpose(-1, -2) @ xg
-    xtx = gram[..., :p, :p]
-    gtx = gram[..., p:, :p]
+    gxg = gram(xg, xg)
+    xtx = gxg[..., :p, :p]
+    gtx = gxg[..., p:, :p]
     coeff = torch.cat([0.5 * xtx, lam * (xtx - _eye_like(xtx)) - 0.5 * gtx], dim=-2)
     return torch.cat([g, x], dim=-1) @ coeff
 
@@ -420,6 +465,21 @@ def random_point(*shape: int, dtype: torch.dtype | None = None, device=None, gen
     if wide:
         q = _mT(q)
     return q.contiguous().to(dtype)
+
+
+@_tall(1)
+def cholesky_qr(y: Tensor) -> Tensor:
+    """Q factor of a full-rank tall Y with diag(R) > 0 from its Gram matrix alone (CholeskyQR2).
+
+    R₁ = chol(YᵀY)ᵀ, Q₁ = Y R₁⁻¹, then once more on Q₁ (which squares away the κ(Y)²·ε loss of
+    orthogonality of one pass): Q = Q₁ R₂⁻¹. Equal to the sign-fixed Householder Q in exact
+    arithmetic; only p×p Grams of Y, so it runs on row shards (one all-reduce per pass). Needs
+    κ(Y) ≲ ε^(−1/2), which holds for Y = X + V near the manifold.
+    """
+    for _ in range(2):
+        r = torch.linalg.cholesky(gram(y, y), upper=True)
+        y = torch.linalg.solve_triangular(r, y, upper=True, left=False)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +586,6 @@ def rite_update(x: Tensor, m: Tensor, r_pinv_y: Tensor, lr: float, decay: float 
 
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Optimizer step math (stiefel_opt.optim calls these through its one dispatch table; a fused
 # kernel must keep the same contract). Batched over leading dims; a wide X (orthonormal rows) is
@@ -544,13 +603,13 @@ def _tall_all(x: Tensor, *others: Tensor | None) -> tuple[bool, list[Tensor | No
 
 
 def _relative_tangent(x: Tensor, g: Tensor, xtx: Tensor) -> Tensor:
-    return 0.5 * (g @ xtx - x @ (g.transpose(-1, -2) @ x))
+    return 0.5 * (g @ xtx - x @ gram(g, x))
 
 
 @_tall(2)
 def relative_tangent(x: Tensor, g: Tensor) -> Tensor:
     """Tangent term of the landing field T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ) X (n×n never formed)."""
-    return _relative_tangent(x, g, x.transpose(-1, -2) @ x)
+    return _relative_tangent(x, g, gram(x, x))
 
 
 def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, t: Tensor,
@@ -560,7 +619,7 @@ def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor 
     scalar_v: v is one value per matrix (shape (…, 1, 1)), the EMA of mean(t²)."""
     exp_avg.lerp_(t, 1.0 - beta1)
     if scalar_v:
-        exp_avg_sq.mul_(beta2).add_((t * t).mean(dim=(-2, -1), keepdim=True), alpha=1.0 - beta2)
+        exp_avg_sq.mul_(beta2).add_(_mean_square(t), alpha=1.0 - beta2)
     else:
         exp_avg_sq.mul_(beta2).addcmul_(t, t, value=1.0 - beta2)
     v = exp_avg_sq
@@ -626,7 +685,7 @@ def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Te
 
 def _relative(x: Tensor, d: Tensor, xtx: Tensor) -> Tensor:
     """Relative form R(D) = ½(D·XᵀX − X·DᵀX) = skew(D Xᵀ) X: ⟨R(D), X(XᵀX − I)⟩ = 0 for any D."""
-    return 0.5 * (d @ xtx - x @ (d.transpose(-1, -2) @ x))
+    return 0.5 * (d @ xtx - x @ gram(d, x))
 
 
 def _land(x: Tensor, tangent: Tensor, xtx: Tensor, *, lr: float, lam: float, safe_eps: float) -> Tensor:
@@ -635,7 +694,7 @@ def _land(x: Tensor, tangent: Tensor, xtx: Tensor, *, lr: float, lam: float, saf
     e = xtx - _eye_like(xtx)
     field = tangent + x @ (lam * e)
     dist = torch.linalg.matrix_norm(e)
-    a = torch.linalg.matrix_norm(field)
+    a = _frobenius(field)
     eta = safe_step(dist, a, lam, safe_eps).clamp_max(lr)
     return x - eta[..., None, None] * field
 
@@ -649,7 +708,7 @@ def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, m
     at earlier points, and Λ vanishes at critical points where T = 0); X⁺ = X − ηΛ with the
     per-matrix η = min(lr, η*) of :func:`safe_step`. O(np²): only p×p Grams. Returns (X⁺, buf)."""
     wide, (x, g, buf_t) = _tall_all(x, g, buf)
-    xtx = x.transpose(-1, -2) @ x
+    xtx = gram(x, x)
     t = _relative_tangent(x, g, xtx)
     d, buf_t = _momentum(t, buf_t, momentum, dampening, nesterov)
     if momentum:
@@ -671,7 +730,7 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     same relative form, Λ = ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I); X⁺ = X − ηΛ with the per-matrix
     η = min(lr, η*) of :func:`safe_step`. O(np²)."""
     wide, (x, g, exp_avg, exp_avg_sq, max_exp_avg_sq) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq)
-    xtx = x.transpose(-1, -2) @ x
+    xtx = gram(x, x)
     t = _relative_tangent(x, g, xtx)
     d = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, t, step, beta1, beta2, eps, scalar_v)
     x_new = _land(x, _relative(x, d, xtx), xtx, lr=lr, lam=lam, safe_eps=safe_eps)

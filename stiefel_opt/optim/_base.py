@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
@@ -25,6 +26,7 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.optimizer import _use_grad_for_differentiable
 from torch.optim.sgd import sgd as _torch_sgd
 
+from .. import distributed as _dist
 from .. import functional as F
 from .. import kernels as _kernels
 from ..manifolds import Stiefel, as_stiefel, is_stiefel
@@ -100,10 +102,13 @@ def _manifold_spec(m: Stiefel) -> dict:
 class _Bucket:
     """Same-shape manifold parameters updated as one stack of ``sum(counts)`` matrices."""
 
-    __slots__ = ("params", "states", "counts", "mshape", "manifold", "retraction", "master", "cdtype")
+    __slots__ = ("params", "grads", "states", "counts", "mshape", "manifold", "retraction", "master", "cdtype",
+                 "layout")
 
-    def __init__(self, mshape, manifold, retraction, master, cdtype):
-        self.params: list[Tensor] = []
+    def __init__(self, mshape, manifold, retraction, master, cdtype, layout=None):
+        self.params: list[Tensor] = []  # local shards of DTensor parameters (see stiefel_opt.distributed)
+        self.grads: list[Tensor] = []
+        self.layout = layout
         self.states: list[dict] = []
         self.counts: list[int] = []
         self.mshape = mshape
@@ -274,32 +279,36 @@ class StiefelOptimizer:
             if p.grad.is_sparse:
                 raise ValueError(f"{type(self).__name__}: sparse gradients are not supported on Stiefel "
                                  f"parameters (shape {tuple(p.shape)})")
-            mat = m.to_matrix(p)
+            retraction = group["retraction"] or m.retraction
+            p_loc, g_loc, layout = _dist.local_parts(p, m, self, group, retraction if "riemannian" in self._STEP else None)
+            mat = m.to_matrix(p_loc)
             mshape = tuple(mat.shape[-2:])
             state = self.state[p]
             low = p.dtype in _LOW
             master = low and group["master_weights"] is not False
-            retraction = group["retraction"] or m.retraction
-            key = (mshape, p.dtype, p.device, m.metric, retraction, m.ndim, master, self._bucket_tag(group, state))
+            key = (mshape, p.dtype, p.device, m.metric, retraction, m.ndim, master, self._bucket_tag(group, state),
+                   layout)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = _Bucket(mshape, m, retraction, master, torch.float32 if low else p.dtype)
-            b.params.append(p)
+                b = buckets[key] = _Bucket(mshape, m, retraction, master, torch.float32 if low else p.dtype, layout)
+            b.params.append(p_loc)
+            b.grads.append(g_loc)
             b.states.append(state)
-            b.counts.append(p.numel() // (mshape[0] * mshape[1]))
+            b.counts.append(math.prod(p_loc.shape[: p_loc.dim() - m.ndim]))
         fn = step_function(self._STEP, group["backend"])
         for b in buckets.values():
-            self._bucket_step(group, b, fn)
+            self._bucket_step(group, b, fn if b.layout is None else
+                              _dist.sharded_step(STEP_FUNCTIONS["torch"][self._STEP], b.layout, group["backend"]))
 
     def _bucket_step(self, group: dict, b: _Bucket, fn: Callable) -> None:
         if b.master:
             x = b.stacked("master", init=lambda: b.gather(b.params))
         else:
             x = b.gather(b.params)
-        g = b.gather([p.grad for p in b.params])
+        g = b.gather(b.grads)
         if group["maximize"]:
             g = -g
-        bad = ~torch.isfinite(g).flatten(1).all(dim=1)
+        bad = _dist.agree(~torch.isfinite(g).flatten(1).all(dim=1), b.layout)
         skipped = None
         if bool(bad.any()):
             skipped = self._nonfinite(group, b, bad)

@@ -1,0 +1,317 @@
+"""Stiefel parameters under ``torch.distributed``: DDP unchanged, FSDP2 shards with p×p communication.
+
+DDP: gradients are all-reduced before ``step()``; every optimizer of the package runs unchanged on
+the replicated parameters (nothing here is needed).
+
+FSDP2 (``fully_shard``): parameters become DTensors sharded on dim 0 and tensor subclasses
+(``StiefelParameter``) are dropped — declare the manifold in the param group
+(``{"params": [...], "manifold": "stiefel"}``), or record it before sharding with
+:func:`stiefel_names` and build the groups after with :func:`manifold_param_groups`. The optimizers
+then step on the local shards (``to_local()``), in one of three layouts per parameter:
+
+- ``rows``: the long side of the matrix is split (a tall n×p weight sharded on dim 0). Every n-row
+  Gram product AᵀB of the step (XᵀX, GᵀX, DᵀX, VᵀV, …) is the sum of the local products, so it is
+  computed locally and all-reduced (p×p); the Frobenius norms of the safe step and the scalar
+  second moment are summed the same way (one value per matrix); everything else is row-local.
+  This runs the landing steps, the polar, Newton–Schulz, Cayley (Woodbury: 2p×2p Grams) and
+  euclidean ``exp`` retractions, and QR through CholeskyQR2 (R from chol of the Gram matrix).
+  The canonical-metric ``exp`` needs a QR of an n×p residual that need not be full rank: it raises.
+- ``gather``: the short side is split (a wide r×in weight such as PEFT's ``lora_A`` sharded on
+  dim 0). Its Gram products couple rows held by different ranks, so the step all-gathers the
+  (small) matrix, its gradient and its moments, runs unsharded on every rank (the same inputs give
+  the same result everywhere), and keeps the local rows: O(n·p) bytes per step, not O(p²).
+- ``local``: a leading (batch) dim is split — every rank owns whole matrices; no communication.
+
+Every rank must call ``step()`` (collectives); the non-finite check agrees over the shards (a
+B-flag all-reduce). :func:`count_communication` counts the bytes of the collectives issued here.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import functional as F
+from .manifolds import Stiefel, as_stiefel, is_stiefel
+
+__all__ = [
+    "row_sharded",
+    "count_communication",
+    "CommCount",
+    "shard_safe",
+    "SHARD_SAFE_RETRACTIONS",
+    "stiefel_names",
+    "manifold_param_groups",
+]
+
+#: Retractions that run on row shards with p×p all-reduces only (``exp``: euclidean metric only).
+SHARD_SAFE_RETRACTIONS = ("polar", "newton_schulz", "qr", "cayley", "exp")
+
+
+def shard_safe(retraction: str, metric: str = "euclidean") -> bool:
+    """True when the retraction runs on row shards from p×p Grams (every one but canonical ``exp``)."""
+    return retraction in SHARD_SAFE_RETRACTIONS and not (retraction == "exp" and metric == "canonical")
+
+
+# --- communication counter -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CommCount:
+    """Collectives issued by this module: ``calls`` [(kind, bytes sent by this rank)]."""
+
+    calls: list = dataclasses.field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.calls)
+
+    def bytes_of(self, kind: str) -> int:
+        return sum(b for k, b in self.calls if k == kind)
+
+
+_COUNTERS: list[CommCount] = []
+
+
+@contextlib.contextmanager
+def count_communication() -> Iterator[CommCount]:
+    """Count the all-reduces/all-gathers issued by the Stiefel optimizers inside the block."""
+    c = CommCount()
+    _COUNTERS.append(c)
+    try:
+        yield c
+    finally:
+        _COUNTERS.remove(c)
+
+
+def _record(kind: str, t: Tensor) -> None:
+    for c in _COUNTERS:
+        c.calls.append((kind, t.numel() * t.element_size()))
+
+
+def _all_reduce(t: Tensor, group, op=dist.ReduceOp.SUM) -> Tensor:
+    t = t.contiguous()
+    _record("all_reduce", t)
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+# --- the row-sharded reduction -------------------------------------------------------------------
+
+
+class _RowSum:
+    """The reduction :mod:`stiefel_opt.functional` applies to n-row products inside :func:`row_sharded`."""
+
+    __slots__ = ("group", "rows")
+
+    def __init__(self, group, rows: int):
+        self.group = group
+        self.rows = rows
+
+    def sum(self, t: Tensor) -> Tensor:
+        return _all_reduce(t, self.group)
+
+
+@contextlib.contextmanager
+def row_sharded(rows: int, group=None) -> Iterator[None]:
+    """Inside the block, :mod:`stiefel_opt.functional` treats every matrix as the local row block
+    of a tall matrix with ``rows`` rows in all, split over the process ``group``: n-row Gram
+    products (:func:`~stiefel_opt.functional.gram`), Frobenius norms and means are all-reduced
+    (SUM) over the group, and no matrix is transposed as "wide" (a local block may have fewer
+    rows than columns). Every rank of the group must run the same calls."""
+    token = F._ROW_REDUCE.set(_RowSum(group, rows))
+    try:
+        yield
+    finally:
+        F._ROW_REDUCE.reset(token)
+
+
+# --- shard layouts of DTensor parameters ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How a parameter's matrices are split: ``mode`` rows|gather, the split matrix ``axis`` (−2/−1)
+    of length ``full``, over ``group`` (``world`` ranks, this one ``rank``), global matrix ``gshape``."""
+
+    mode: str
+    axis: int
+    full: int
+    gshape: tuple
+    group: object = dataclasses.field(compare=False)
+    group_key: tuple = ()
+    world: int = 1
+    rank: int = 0
+
+
+def _describe(optimizer, group: dict, p: Tensor) -> str:
+    gi = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+    pi = next(i for i, q in enumerate(group["params"]) if q is p)
+    return f"{type(optimizer).__name__}: parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+
+
+def local_parts(p: Tensor, manifold: Stiefel, optimizer, group: dict,
+                retraction: str | None) -> tuple[Tensor, Tensor, _Layout | None]:
+    """(local parameter, local gradient, layout or None) for the optimizers' buckets.
+
+    A plain tensor gives (p, p.grad, None). A DTensor gives its local shard and the layout of the
+    split; ``retraction`` (None for landing steps) is checked against what row shards allow."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        return p, p.grad, None
+    grad = p.grad
+    if grad.placements != p.placements:
+        grad = grad.redistribute(p.device_mesh, p.placements)
+    shards = [(i, pl.dim) for i, pl in enumerate(p.placements) if pl.is_shard()]
+    bad = [pl for pl in p.placements if not (pl.is_shard() or pl.is_replicate())]
+    if bad or len(shards) > 1:
+        raise ValueError(
+            f"{_describe(optimizer, group, p)} has placements {p.placements}: Stiefel parameters must be "
+            "sharded on at most one mesh dim (the rest Replicate), e.g. fully_shard's Shard(0)"
+        )
+    local, local_grad = p.to_local(), grad.to_local()
+    if not shards:
+        return local, local_grad, None
+    mesh_dim, dim = shards[0]
+    dim %= p.dim()
+    lead = p.dim() - manifold.ndim
+    if dim < lead:  # whole matrices on every rank
+        return local, local_grad, None
+    if dim > lead + 1:
+        raise ValueError(
+            f"{_describe(optimizer, group, p)} is sharded on dim {dim}, inside the flattened columns of "
+            f"its {manifold.ndim}-dim matrix; shard it on dim {lead} (rows) or a leading dim"
+        )
+    rows, cols = p.shape[lead], math.prod(p.shape[lead + 1:])
+    axis = -2 if dim == lead else -1
+    long_axis = -2 if rows >= cols else -1
+    mode = "rows" if axis == long_axis else "gather"
+    pg = p.device_mesh.get_group(mesh_dim)
+    if mode == "rows" and retraction is not None and not shard_safe(retraction, manifold.metric):
+        raise ValueError(
+            f"{_describe(optimizer, group, p)}: retraction {retraction!r} with metric "
+            f"{manifold.metric!r} needs the whole matrix and cannot run on FSDP2 row shards; use "
+            "retraction 'polar', 'newton_schulz', 'qr' (CholeskyQR2) or 'cayley', metric='euclidean' "
+            "for 'exp', or a landing optimizer"
+        )
+    return local, local_grad, _Layout(
+        mode, axis, rows if axis == -2 else cols, (rows, cols), pg,
+        tuple(dist.get_process_group_ranks(pg)), dist.get_world_size(pg), dist.get_rank(pg),
+    )
+
+
+def agree(bad: Tensor, layout: _Layout | None) -> Tensor:
+    """A per-matrix flag made the same on every rank of the split (logical or; one B-flag all-reduce)."""
+    if layout is None:
+        return bad
+    return _all_reduce(bad.to(torch.uint8), layout.group, dist.ReduceOp.MAX).bool()
+
+
+def _gather(t: Tensor, layout: _Layout) -> Tensor:
+    """The whole stack from the local blocks along ``layout.axis`` (torch.chunk split, padded)."""
+    chunk = -(-layout.full // layout.world)
+    n = t.shape[layout.axis]
+    if n < chunk:
+        pad = list(t.shape)
+        pad[layout.axis] = chunk - n
+        t = torch.cat([t, t.new_zeros(pad)], dim=layout.axis)
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(layout.world)]
+    _record("all_gather", t)
+    dist.all_gather(parts, t, group=layout.group)
+    return torch.cat(parts, dim=layout.axis).narrow(layout.axis, 0, layout.full)
+
+
+def _local(t: Tensor, layout: _Layout, n: int) -> Tensor:
+    chunk = -(-layout.full // layout.world)
+    return t.narrow(layout.axis, min(layout.rank * chunk, layout.full), n)
+
+
+def sharded_step(fn: Callable, layout: _Layout, backend: str) -> Callable:
+    """Wrap a batched step function of :mod:`stiefel_opt.functional` (``fn(x, g, *state, **kw)``,
+    moments updated in place, X⁺ or (X⁺, buf) returned) to run on the local blocks of ``layout``."""
+    if backend == "triton":
+        raise ValueError(
+            "backend='triton': the fused kernels do not run on FSDP2 shards; use backend='auto' or "
+            "'torch' (the sharded step uses the torch functions with p×p all-reduces)"
+        )
+    return functools.wraps(fn)((_rows_step if layout.mode == "rows" else _gather_step)(fn, layout))
+
+
+def _rows_step(fn: Callable, layout: _Layout) -> Callable:
+    def step(x, g, *state, **kw):
+        mshape = x.shape
+        flip = layout.axis == -1  # columns are the long side: the tall form is the transpose
+
+        def tall(t):
+            return t.transpose(-1, -2) if flip and t is not None and t.shape == mshape else t
+
+        with row_sharded(layout.full, layout.group):
+            out = fn(tall(x), tall(g), *(tall(t) for t in state), **kw)
+        if isinstance(out, tuple):
+            return tuple(t.transpose(-1, -2) if flip and t is not None else t for t in out)
+        return out.transpose(-1, -2) if flip else out
+
+    return step
+
+
+def _gather_step(fn: Callable, layout: _Layout) -> Callable:
+    def step(x, g, *state, **kw):
+        n = x.shape[layout.axis]
+
+        def is_mat(t):
+            return t is not None and t.shape == x.shape
+
+        full_state = [_gather(t, layout) if is_mat(t) else t for t in state]
+        out = fn(_gather(x, layout), _gather(g, layout), *full_state, **kw)
+        for t, ft in zip(state, full_state):
+            if is_mat(t):
+                t.copy_(_local(ft, layout, n))
+        if not isinstance(out, tuple):
+            return _local(out, layout, n)
+        x_new, *rest = out
+        kept = []
+        for i, r in enumerate(rest):  # (X⁺, buf): the buffer given in place, or a new one
+            given = state[i] if i < len(state) else None
+            kept.append(given if is_mat(given) else (None if r is None else _local(r, layout, n).contiguous()))
+        return (_local(x_new, layout, n), *kept)
+
+    return step
+
+
+# --- recording manifolds across fully_shard --------------------------------------------------------
+
+
+def stiefel_names(module: torch.nn.Module) -> dict[str, Stiefel]:
+    """Names (as ``named_parameters``) of the parameters that carry a Stiefel manifold
+    (``StiefelParameter``, geoopt ``ManifoldParameter``). Call before ``fully_shard``, which drops
+    the tensor subclasses, and pass the result to :func:`manifold_param_groups` after."""
+    return {name: as_stiefel(p.manifold) for name, p in module.named_parameters()
+            if is_stiefel(getattr(p, "manifold", None))}
+
+
+def manifold_param_groups(module: torch.nn.Module, manifolds: dict[str, Stiefel], **options) -> list[dict]:
+    """Param groups for the package's optimizers: one ``{"params", "manifold"}`` group per distinct
+    manifold of ``manifolds`` (from :func:`stiefel_names`), then one group of the other parameters;
+    ``options`` are added to every group. Groups with no parameters are left out."""
+    params = dict(module.named_parameters())
+    missing = sorted(set(manifolds) - set(params))
+    if missing:
+        raise ValueError(f"manifold_param_groups: no parameters named {missing} in the module; record the "
+                         "names with stiefel_names on the same module before fully_shard")
+    by_manifold: dict[tuple, dict] = {}
+    for name, m in manifolds.items():
+        key = (m.metric, m.retraction, m.ndim)
+        by_manifold.setdefault(key, {"params": [], "manifold": m, **options})["params"].append(params[name])
+    rest = [p for name, p in params.items() if name not in manifolds]
+    groups = list(by_manifold.values())
+    if rest:
+        groups.append({"params": rest, **options})
+    return groups

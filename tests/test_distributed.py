@@ -1,0 +1,301 @@
+"""DDP and FSDP2 (gloo, 2 CPU ranks) against the single-process run; communication counted.
+
+One ``torch.multiprocessing`` spawn runs every check (spawning is slow); rank 0 writes the
+measurements to a file and the tests below assert on them.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import stiefel_opt.functional as F
+from stiefel_opt import LandingAdam, LandingSGD, RiemannianAdam, RiemannianSGD, Stiefel, landing, riemannian
+from stiefel_opt.distributed import count_communication, manifold_param_groups, stiefel_names
+from stiefel_opt.manifolds import StiefelParameter
+from stiefel_opt.optim.lora_rite import LoRARITE
+
+WORLD = 2
+STEPS = 20
+DT = torch.float64
+
+
+class Net(nn.Module):
+    """Stiefel weights: two tall 7×4 (rows split 4/3: the 3×4 shard is locally wide), a wide 3×7
+    (short side split 2/1: gathered) and a stack of two 6×3 matrices (whole matrices per rank);
+    a LoRA-like pair (A 2×7, B 7×2) and a bias stay Euclidean."""
+
+    def __init__(self):
+        super().__init__()
+        self.tall = nn.Linear(4, 7, bias=False)
+        self.tall2 = nn.Linear(4, 7, bias=False)
+        self.lora_A = nn.Linear(7, 2, bias=False)
+        self.lora_B = nn.Linear(2, 7, bias=True)
+        self.wide = nn.Linear(7, 3, bias=False)
+        self.experts = nn.Parameter(torch.randn(2, 6, 3))
+
+    def forward(self, x):
+        h = torch.tanh(self.tall(x)) + self.tall2(x) ** 2
+        h = h + self.lora_B(self.lora_A(h))
+        return self.wide(h) + torch.einsum("bn,knp->bp", h[:, :6], self.experts)
+
+
+STIEFEL = ("tall.weight", "tall2.weight", "wide.weight", "experts")
+
+
+def _net() -> Net:
+    torch.manual_seed(1)
+    net = Net().to(DT)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name in STIEFEL:
+                p.copy_(F.random_point(*p.shape, dtype=DT))
+    return net
+
+
+def _data():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT))
+            for _ in range(STEPS)]
+
+
+def _groups(model, names=STIEFEL, manifold="stiefel"):
+    params = dict(model.named_parameters())
+    return [{"params": [params[n] for n in names], "manifold": manifold},
+            {"params": [p for n, p in params.items() if n not in names]}]
+
+
+def _stiefel_adam(ps):
+    return RiemannianAdam(ps, lr=0.05, betas=(0.8, 0.9))
+
+
+CONFIGS = {
+    "LandingAdam": lambda ps: LandingAdam(ps, lr=0.05, betas=(0.8, 0.9), lam=1.0),
+    "LandingAdam_scalar_amsgrad": lambda ps: LandingAdam(ps, lr=0.05, amsgrad=True, second_moment="scalar"),
+    "RiemannianAdam_polar": _stiefel_adam,
+    "RiemannianSGD_qr_momentum": lambda ps: RiemannianSGD(ps, lr=0.02, momentum=0.9, retraction="qr"),
+    "LandingSGD_nesterov": lambda ps: LandingSGD(ps, lr=0.02, momentum=0.9, nesterov=True),
+    "RiemannianAdam_cayley_scalar": lambda ps: RiemannianAdam(ps, lr=0.05, retraction="cayley", second_moment="scalar"),
+    "RiemannianSGD_newton_schulz": lambda ps: RiemannianSGD(ps, lr=0.02, retraction="newton_schulz"),
+    "RiemannianSGD_exp": lambda ps: RiemannianSGD(ps, lr=0.02, retraction="exp"),
+}
+DDP_ONLY = {
+    "riemannian(AdamW)": lambda ps: riemannian(torch.optim.AdamW(ps, lr=0.05, weight_decay=0.0)),
+    "landing(Adam)": lambda ps: landing(torch.optim.Adam(ps, lr=0.05), lam=1.0),
+}
+
+
+def _train(model, opt, rank: int | None, data):
+    for x, y in data:
+        if rank is not None:
+            x, y = x[4 * rank: 4 * rank + 4], y[4 * rank: 4 * rank + 4]
+        opt.zero_grad()
+        ((model(x) - y) ** 2).sum(-1).mean().backward()
+        opt.step()
+
+
+def _full(model):
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        name = name.replace("module.", "")
+        out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+    return out
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _dist_gap(params: dict) -> float:
+    return max(float(F.distance(params[n]).max()) for n in STIEFEL)
+
+
+def _fsdp(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+class _Tally:
+    """Bytes passed to dist.all_reduce / dist.all_gather (patched) while active."""
+
+    def __init__(self):
+        self.on = False
+        self.bytes = {"all_reduce": 0, "all_gather": 0}
+        self._orig = (dist.all_reduce, dist.all_gather)
+
+    def install(self):
+        ar, ag = self._orig
+
+        def all_reduce(t, *a, **k):
+            if self.on:
+                self.bytes["all_reduce"] += t.numel() * t.element_size()
+            return ar(t, *a, **k)
+
+        def all_gather(ts, t, *a, **k):
+            if self.on:
+                self.bytes["all_gather"] += t.numel() * t.element_size()
+            return ag(ts, t, *a, **k)
+
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+
+
+class _Stack(nn.Module):
+    def __init__(self, ws):
+        super().__init__()
+        for i, w in enumerate(ws):
+            self.register_parameter(f"w{i}", nn.Parameter(w.clone()))
+
+    def forward(self, x):
+        return sum(((x @ w) ** 2).sum() for w in self.parameters())
+
+
+def _comm_per_step(mesh, tally, n: int, p: int, make_opt, batch: int = 3) -> dict:
+    """Bytes all-reduced per optimizer step for ``batch`` tall n×p Stiefel matrices under FSDP2."""
+    torch.manual_seed(3)
+    model = _fsdp(_Stack(F.random_point(batch, n, p, dtype=DT)), mesh)
+    opt = make_opt([{"params": list(model.parameters()), "manifold": "stiefel"}])
+    x = torch.randn(5, n, dtype=DT)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).backward()
+        tally.bytes = dict.fromkeys(tally.bytes, 0)
+        tally.on = True
+        with count_communication() as counted:
+            opt.step()
+        tally.on = False
+    return {"patched": dict(tally.bytes), "counted": counted.bytes}
+
+
+def _worker(rank: int, port: int, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    tally = _Tally()
+    tally.install()
+    data = _data()
+    res: dict = {"parity": {}, "gap": {}}
+    try:
+        for name, make in {**CONFIGS, **DDP_ONLY}.items():
+            ref = _net()
+            _train(ref, make(_groups(ref)), None, data)
+            ref_p = _full(ref)
+            ddp_net = _net()
+            ddp = DDP(ddp_net)
+            _train(ddp, make(_groups(ddp_net)), rank, data)
+            res["parity"][(name, "ddp")] = _max_diff(_full(ddp_net), ref_p)
+            if name in DDP_ONLY:
+                continue
+            fs = _fsdp(_net(), mesh)
+            _train(fs, make(_groups(fs)), rank, data)
+            fs_p = _full(fs)
+            res["parity"][(name, "fsdp2")] = _max_diff(fs_p, ref_p)
+            res["gap"][name] = (_dist_gap(fs_p), _dist_gap(ref_p))
+
+        # a manifold recorded on StiefelParameters before fully_shard survives it
+        net = _net()
+        with torch.no_grad():
+            net.tall.weight = StiefelParameter(net.tall.weight.detach().clone())
+        names = stiefel_names(net)
+        fs = _fsdp(net, mesh)
+        res["subclass_dropped"] = not hasattr(fs.tall.weight, "manifold")
+        groups = manifold_param_groups(fs, names)
+        res["recorded_groups"] = [len(g["params"]) for g in groups]
+        m = groups[0]["manifold"]
+        res["recorded_manifold"] = isinstance(m, Stiefel) and (m.metric, m.retraction) == ("euclidean", "polar")
+
+        # communication per step is O(p²) and independent of n
+        res["comm"] = {(n, name): _comm_per_step(mesh, tally, n, 3, make)
+                       for n in (16, 64)
+                       for name, make in (("LandingAdam", CONFIGS["LandingAdam"]),
+                                          ("RiemannianAdam_polar", _stiefel_adam))}
+
+        # a retraction that needs the whole matrix: a clear error naming the parameter
+        net = _fsdp(_net(), mesh)
+        opt = RiemannianSGD(_groups(net, manifold=Stiefel(metric="canonical", retraction="exp")), lr=0.1)
+        ((net(data[0][0]) - data[0][1]) ** 2).sum().backward()
+        try:
+            opt.step()
+            res["exp_error"] = None
+        except ValueError as e:
+            res["exp_error"] = str(e)
+
+        # LoRA-RITE under DDP
+        ref = _net()
+        make = lambda m: LoRARITE([(m.lora_A.weight, m.lora_B.weight)], lr=0.02)  # noqa: E731
+        _train(ref, make(ref), None, data)
+        ddp_net = _net()
+        _train(DDP(ddp_net), make(ddp_net), rank, data)
+        res["parity"][("LoRARITE", "ddp")] = _max_diff(
+            {k: v for k, v in _full(ddp_net).items() if "lora" in k}, {k: v for k, v in _full(ref).items() if "lora" in k}
+        )
+    finally:
+        if rank == 0:
+            with open(out, "wb") as f:
+                pickle.dump(res, f)
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dist") / "results.pkl")
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    with open(out, "rb") as f:
+        return pickle.load(f)
+
+
+RUNS = [(n, "ddp") for n in (*CONFIGS, *DDP_ONLY, "LoRARITE")] + [(n, "fsdp2") for n in CONFIGS]
+
+
+@pytest.mark.parametrize("name,mode", RUNS)
+def test_matches_single_process(results, name, mode):
+    assert results["parity"][(name, mode)] < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sharded_feasibility_equals_unsharded(results, name):
+    sharded, single = results["gap"][name]
+    assert abs(sharded - single) < 1e-9
+    assert sharded < 0.5
+
+
+def test_manifold_recorded_before_fully_shard(results):
+    assert results["subclass_dropped"]
+    assert results["recorded_groups"] == [1, len(list(Net().parameters())) - 1]
+    assert results["recorded_manifold"]
+
+
+@pytest.mark.parametrize("name", ["LandingAdam", "RiemannianAdam_polar"])
+def test_bytes_per_step_are_O_p_squared(results, name):
+    small, big = results["comm"][(16, name)], results["comm"][(64, name)]
+    assert small == big  # independent of n
+    assert small["patched"]["all_gather"] == 0
+    p, batch, itemsize = 3, 3, 8
+    # a few p×p Grams per matrix, plus per-matrix scalars (norms, non-finite flags)
+    assert 0 < small["patched"]["all_reduce"] <= batch * (6 * p * p + 4) * itemsize
+    assert small["counted"] == small["patched"]["all_reduce"]
+
+
+def test_whole_matrix_retraction_raises_naming_parameter(results):
+    msg = results["exp_error"]
+    assert msg is not None and "parameter 0 of param group 0" in msg and "'polar'" in msg
