@@ -60,10 +60,12 @@ def _pages() -> list[Path]:
 
 
 def _page_id(p: Path) -> str:
-    return str(p.relative_to(DOCS))
+    return str(p.relative_to(DOCS)) if p.is_relative_to(DOCS) else p.name
 
 
-PAGES_WITH_CODE = [p for p in _pages() if any(not s for _, _, s in extract_blocks(p.read_text()))]
+# README.md's python blocks (its quickstart) are held to the same rule as the docs pages
+PAGES_WITH_CODE = [p for p in [*_pages(), ROOT / "README.md"]
+                   if p.is_file() and any(not s for _, _, s in extract_blocks(p.read_text()))]
 
 
 def test_extract_blocks_honours_skip_mark_and_languages():
