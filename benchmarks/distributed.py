@@ -1,0 +1,125 @@
+"""Distributed benchmark (issue 8), on paper: per-step communication and memory of a Stiefel step
+on FSDP2 row shards (p×p all-reduces, ``stiefel_opt.distributed``) vs gather-then-retract.
+
+Computed from shapes, nothing is timed. fp32 (4-byte) parameters, gradients and moments; W ranks
+hold n/W rows each. Per matrix and step:
+
+- sharded landing (LandingAdam): all-reduce of 3 p×p Grams (XᵀX, GᵀX, DᵀX), one ‖Λ‖²_F scalar and
+  a non-finite flag byte — the count checked by ``tests/test_distributed.py`` with a patched
+  ``dist.all_reduce``. Sharded RiemannianAdam (polar): 5 p×p Grams (two tangent projections, the
+  polar Gram, its Newton–Schulz refinement, the transport) and the flag.
+- gather-then-retract: all-gather X and G (n×p each) so every rank steps the whole matrix, then
+  keep the local rows (what ``distributed`` does for a matrix split along its short side).
+
+Bytes on the wire per rank: ring all-reduce 2(W−1)/W·m, all-gather (W−1)/W·m for a message of m
+bytes. Step working memory per rank: the resident shard (X, G, two moments: 4·(n/W)·p) plus about
+six n×p-shaped temporaries of the step — on n/W rows when sharded, on n rows when gathered (plus
+the gathered X and G).
+
+A 7B-like model (32 layers; q, k, v, o 4096→4096; gate, up 4096→11008; down 11008→4096) with a
+PoLAR/StelLA adapter on every projection stores both Stiefel factors tall (out×r and in×r), so
+fully_shard splits their long side: 352 matrices with n = 4096 and 96 with n = 11008.
+
+``python -m benchmarks distributed [--quick] [--out results]`` writes ``distributed.json`` and
+``distributed.md``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks._report import markdown_table, write_json
+
+ITEM = 4  # fp32 bytes
+NS = (4096, 11008)
+PS = (8, 32, 128)
+RANKS = (8, 64)
+TEMPORARIES = 6
+MODEL_MATRICES = {4096: 32 * 11, 11008: 32 * 3}
+
+
+def allreduce_message(p: int, optimizer: str) -> int:
+    """Bytes all-reduced per matrix and step on row shards."""
+    if optimizer == "landing_adam":
+        return 3 * p * p * ITEM + ITEM + 1
+    if optimizer == "riemannian_adam_polar":
+        return 5 * p * p * ITEM + 1
+    raise ValueError(f"allreduce_message: unknown optimizer {optimizer!r}")
+
+
+def per_matrix(n: int, p: int, world: int) -> dict:
+    """Communication (bytes sent per rank) and step memory per rank for one n×p matrix."""
+    local = -(-n // world)
+    ring = 2 * (world - 1) / world
+    gather_msg = 2 * n * p * ITEM  # X and G
+    return {
+        "n": n, "p": p, "ranks": world,
+        "sharded_landing_msg_B": allreduce_message(p, "landing_adam"),
+        "sharded_landing_wire_B": ring * allreduce_message(p, "landing_adam"),
+        "sharded_riemannian_msg_B": allreduce_message(p, "riemannian_adam_polar"),
+        "gather_wire_B": (world - 1) / world * gather_msg,
+        "sharded_mem_B": (4 + TEMPORARIES) * local * p * ITEM + 4 * p * p * ITEM,
+        "gather_mem_B": 4 * local * p * ITEM + (2 + TEMPORARIES) * n * p * ITEM,
+    }
+
+
+def _fmt(b: float) -> str:
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= f:
+            return f"{b / f:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def run(quick: bool, out: Path) -> dict:
+    """Write distributed.json and distributed.md under ``out`` (``quick`` changes nothing: no timing)."""
+    out = Path(out)
+    rows = [per_matrix(n, p, w) for w in RANKS for n in NS for p in PS]
+    for r in rows:
+        r["comm_ratio_gather_over_sharded"] = r["gather_wire_B"] / r["sharded_landing_wire_B"]
+        r["mem_ratio_gather_over_sharded"] = r["gather_mem_B"] / r["sharded_mem_B"]
+    model = []
+    for w in RANKS:
+        for p in PS:
+            mats = [(per_matrix(n, p, w), k) for n, k in MODEL_MATRICES.items()]
+            model.append({
+                "p": p, "ranks": w,
+                "sharded_landing_wire_B": sum(r["sharded_landing_wire_B"] * k for r, k in mats),
+                "gather_wire_B": sum(r["gather_wire_B"] * k for r, k in mats),
+            })
+    data = {"per_matrix": rows, "model_7b": model, "dtype_bytes": ITEM, "temporaries": TEMPORARIES,
+            "note": "computed from shapes (no timing)"}
+    write_json(out / "distributed.json", data)
+    table = markdown_table([
+        {"ranks": r["ranks"], "n": r["n"], "p": r["p"],
+         "sharded landing: all-reduce msg": _fmt(r["sharded_landing_msg_B"]),
+         "on wire / rank": _fmt(r["sharded_landing_wire_B"]),
+         "gather-then-retract: on wire / rank": _fmt(r["gather_wire_B"]),
+         "comm ratio": f"{r['comm_ratio_gather_over_sharded']:.0f}×",
+         "step memory / rank sharded": _fmt(r["sharded_mem_B"]),
+         "gathered": _fmt(r["gather_mem_B"]),
+         "memory ratio": f"{r['mem_ratio_gather_over_sharded']:.1f}×"}
+        for r in rows
+    ])
+    model_table = markdown_table([
+        {"ranks": m["ranks"], "p": m["p"], "sharded landing / step / rank": _fmt(m["sharded_landing_wire_B"]),
+         "gather-then-retract / step / rank": _fmt(m["gather_wire_B"]),
+         "ratio": f"{m['gather_wire_B'] / m['sharded_landing_wire_B']:.0f}×"}
+        for m in model
+    ])
+    text = "\n".join([
+        "# Distributed Stiefel step: sharded landing vs gather-then-retract (on paper)",
+        "",
+        "Computed from shapes by `benchmarks/distributed.py`; nothing here was measured. fp32, one n×p "
+        "matrix row-sharded over W ranks. Sharded landing all-reduces 3 p×p Grams, one scalar and a "
+        "flag per matrix (independent of n and W); gather-then-retract all-gathers X and G.",
+        "",
+        table,
+        "",
+        "## 7B-like model, PoLAR/StelLA on every projection (352 matrices n = 4096, 96 with n = 11008)",
+        "",
+        model_table,
+        "",
+        "Latency is not modelled: the sharded step issues a few all-reduces per bucket of equal-shape "
+        "matrices (the bucket is one batched message), not per matrix.",
+    ])
+    (out / "distributed.md").write_text(text + "\n", encoding="utf-8")
+    return data
