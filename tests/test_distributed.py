@@ -234,6 +234,14 @@ def _worker(rank: int, port: int, out: str):
         except ValueError as e:
             res["exp_error"] = str(e)
 
+        # LoRA-RITE on FSDP2 shards: a clear error (not yet sharded)
+        net = _fsdp(_net(), mesh)
+        try:
+            LoRARITE([(net.lora_A.weight, net.lora_B.weight)])
+            res["rite_fsdp_error"] = None
+        except TypeError as e:
+            res["rite_fsdp_error"] = str(e)
+
         # LoRA-RITE under DDP
         ref = _net()
         make = lambda m: LoRARITE([(m.lora_A.weight, m.lora_B.weight)], lr=0.02)  # noqa: E731
@@ -299,3 +307,8 @@ def test_bytes_per_step_are_O_p_squared(results, name):
 def test_whole_matrix_retraction_raises_naming_parameter(results):
     msg = results["exp_error"]
     assert msg is not None and "parameter 0 of param group 0" in msg and "'polar'" in msg
+
+
+def test_lora_rite_on_shards_raises_clearly(results):
+    msg = results["rite_fsdp_error"]
+    assert msg is not None and "pair 0" in msg and "DDP" in msg

@@ -177,6 +177,11 @@ class LoRARITE(torch.optim.Optimizer):
             )
         if not a.is_floating_point():
             raise TypeError(f"LoRARITE: pair {i}: factors must be floating point, got {a.dtype}")
+        if any(type(t).__name__ == "DTensor" for t in (a, b)):
+            raise TypeError(
+                f"LoRARITE: pair {i} holds FSDP2 DTensor shards, which LoRA-RITE does not run on yet; "
+                "use DDP (LoRARITE works unchanged there) or LandingAdam/RiemannianAdam under fully_shard"
+            )
         return [a, b]
 
     # -- state ---------------------------------------------------------------------------------
