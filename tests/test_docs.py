@@ -201,3 +201,11 @@ def test_custom_adapter_tutorial_builds_the_adapter_in_under_50_lines():
     lines = [ln for ln in code.splitlines() if ln.strip()]
     assert "StiefelParameter" in code and "class SubspaceAdapter" in code
     assert len(lines) < 50, len(lines)
+
+
+def test_api_index_lists_every_public_name():
+    import stiefel_opt
+
+    text = (DOCS / "api" / "index.md").read_text()
+    missing = [name for name in stiefel_opt.__all__ if f"[`{name}`]" not in text]
+    assert not missing, f"docs/api/index.md does not list {missing}"
