@@ -211,3 +211,40 @@ def test_api_index_lists_every_public_name():
     text = (DOCS / "api" / "index.md").read_text()
     missing = [name for name in stiefel_opt.__all__ if f"[`{name}`]" not in text]
     assert not missing, f"docs/api/index.md does not list {missing}"
+
+
+# Public methods of the top-level classes that have no docstring yet (reported to their owners).
+# The list may only shrink: a documented entry fails the test below until it is removed here.
+KNOWN_UNDOCUMENTED_METHODS = {
+    "Stiefel.projx", "Stiefel.proju", "Stiefel.egrad2rgrad", "Stiefel.inner", "Stiefel.component_inner",
+    "Stiefel.retr", "Stiefel.expmap", "Stiefel.transp", "Stiefel.retr_transp", "Stiefel.expmap_transp",
+    "Stiefel.transp_follow_retr", "Stiefel.transp_follow_expmap",
+    "SharedQSpectral.matrix",
+    "AdapterConfig.to_dict", "AdapterConfig.from_dict",
+}
+# nn.Module / framework conventions, documented by the class docstring
+_CONVENTIONAL = {"forward", "extra_repr"}
+
+
+def _public_methods():
+    import stiefel_opt
+
+    for cname in stiefel_opt.__all__:
+        cls = getattr(stiefel_opt, cname)
+        if not inspect.isclass(cls):
+            continue
+        for name, attr in vars(cls).items():
+            if name.startswith("_") or name in _CONVENTIONAL:
+                continue
+            fn = attr.fget if isinstance(attr, property) else getattr(attr, "__func__", attr)
+            if inspect.isfunction(fn):
+                yield f"{cname}.{name}", fn
+
+
+def test_public_methods_have_docstrings():
+    """Every public method defined by a top-level class has a docstring, except the known list."""
+    undocumented = {name for name, fn in _public_methods() if not (fn.__doc__ or "").strip()}
+    new = sorted(undocumented - KNOWN_UNDOCUMENTED_METHODS)
+    fixed = sorted(KNOWN_UNDOCUMENTED_METHODS - undocumented)
+    assert not new, f"public methods without a docstring: {new}"
+    assert not fixed, f"now documented, remove from KNOWN_UNDOCUMENTED_METHODS: {fixed}"
