@@ -88,7 +88,7 @@ def run(quick: bool = False, out: Path = Path("results/steptime")) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    warmup, repeats = (2, 7) if quick else (5, 30)
+    warmup, repeats = (1, 5) if quick else (5, 30)
     makers = _optimizers()
     rows, results = [], {}
     jobs = [(mix, name) for mix in MIXES for name in makers]
