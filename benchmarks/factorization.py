@@ -353,24 +353,30 @@ def _run(grid: Grid, out: Path) -> dict:
                 f"{problem}, n={size}, r_A={grid.rank_a}, r={r}, κ={int(k)} (tuned step)",
                 "iteration + 1", "relative error ‖M−A‖/‖A‖", logy=True, logx=True, hline=grid.target,
             )
-    seconds = time.perf_counter() - t_start
+        _write_reports(out, grid, rows, record, time.perf_counter() - t_start, complete=False)
+    result = _write_reports(out, grid, rows, record, time.perf_counter() - t_start, complete=True)
+    print(pivot_table(rows, grid))
+    print(result["verdicts"])
+    return result
+
+
+def _write_reports(out: Path, grid: Grid, rows, record, seconds: float, complete: bool) -> dict:
+    """factorization.md and .json from the rows so far (rewritten after every configuration)."""
     verdicts = claim_verdicts(rows, grid)
     setup = (
         f"Grid: sizes {list(grid.sizes)}, r_A = {grid.rank_a}, κ ∈ {[int(k) for k in grid.kappas]}, "
         f"r ∈ {list(grid.ranks)}, step grid {list(grid.lrs)} (same for every method), {grid.seeds} seed(s) "
         f"(worst seed reported), cap {grid.cap} iterations, target relative error {grid.target:g}, "
         f"initial scale {grid.init_scale:g} (BM entries, Θ entries; X, Y Haar), landing λ = {grid.lam:g}, "
-        f"float64. Total {seconds:.0f} s."
+        f"float64. {'Total' if complete else 'PARTIAL (run in progress), so far'} {seconds:.0f} s."
     )
     table = markdown_table(rows, ["problem", "n", "r", "kappa", "method", "lr", "iters_to_target", "final_rel_err", "rate_last_decade"])
-    pivot = pivot_table(rows, grid)
     write_markdown(out / "factorization.md", "Low-rank factorization: BM+GD vs PoLAR",
-                   [setup, "## Iterations to the target (tuned step; >cap: not reached)", pivot,
+                   [setup, "## Iterations to the target (tuned step; >cap: not reached)", pivot_table(rows, grid),
                     "## The paper's claim, cell by cell", verdicts, "## All runs", table])
-    result = {"header": device_header(), "grid": grid.__dict__, "rows": record, "verdicts": verdicts, "seconds": seconds}
+    result = {"header": device_header(), "grid": grid.__dict__, "rows": record, "verdicts": verdicts,
+              "seconds": seconds, "complete": complete}
     write_json(out / "factorization.json", result)
-    print(pivot)
-    print(verdicts)
     return result
 
 

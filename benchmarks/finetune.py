@@ -22,7 +22,7 @@ import hashlib
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -152,7 +152,6 @@ class Method:
     adapter: str
     optimizer: str  # adamw | lora_rite | landing_adam | riemannian_adam | riemannian_adamw
     lr: float
-    extra: dict = field(default_factory=dict)
 
 
 METHODS = {
