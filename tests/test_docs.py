@@ -100,14 +100,20 @@ def test_doc_examples_run(page: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     namespace: dict = {"__name__": f"docs.{page.stem}"}
-    for line, code, skipped in extract_blocks(page.read_text()):
-        if skipped:
-            continue
-        filename = f"{_page_id(page)}:{line}"
-        try:
-            exec(compile(code, filename, "exec"), namespace)
-        except Exception as err:  # name the block that failed
-            raise AssertionError(f"docs example {filename} failed: {type(err).__name__}: {err}") from err
+    try:
+        for line, code, skipped in extract_blocks(page.read_text()):
+            if skipped:
+                continue
+            filename = f"{_page_id(page)}:{line}"
+            try:
+                exec(compile(code, filename, "exec"), namespace)
+            except Exception as err:  # name the block that failed
+                raise AssertionError(f"docs example {filename} failed: {type(err).__name__}: {err}") from err
+    finally:  # a page that failed half-way must not leave a process group to the next test
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_every_page_is_in_the_nav():
