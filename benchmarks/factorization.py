@@ -410,6 +410,9 @@ def claim_verdicts(rows, grid) -> str:
         elif bm_ok and po_ok:
             verdict = "fails (BM+GD faster)"
         else:
-            verdict = "undecided (neither reaches the target)"
+            bm_err, po_err = row["final_rel_err"], polar["final_rel_err"]
+            lower = "PoLAR+RGD" if po_err < bm_err else "BM+GD"
+            verdict = (f"neither reaches the target; final errors BM+GD {bm_err:.1e}, PoLAR+RGD {po_err:.1e} "
+                       f"({lower} closer{'' if lower == 'PoLAR+RGD' else ': the claim fails here'})")
         lines.append(f"- {problem}, n={n}, r={r}, κ={k}: BM+GD {bm_it}, PoLAR+RGD {po_it} iterations → {verdict}")
     return "\n".join(lines) + "\n"
