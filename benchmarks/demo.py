@@ -43,7 +43,7 @@ def run(quick: bool = False, out: Path = Path("results/demo")) -> dict:
         f"Fine-tuning: MiniLM-L6, r = 8, adapters on query/value of the top {ft_setting.top} layers, "
         f"{ft_setting.steps} steps of batch {ft_setting.batch_size}, {ft_setting.n_train} train / "
         f"{ft_setting.n_test} test WordNet glosses (10 classes), seeds {list(ft_setting.seeds)}. Stable rank "
-        "‖M‖_F²/‖M‖₂², median over the 4 adapted matrices, of the adapter's ΔW and of the learned update "
+        f"‖M‖_F²/‖M‖₂², median over the {2 * ft_setting.top} adapted matrices, of the adapter's ΔW and of the learned update "
         "ΔW−ΔW₀ (they differ only for StelLA, whose ΔW₀ = s·UVᵀ ≠ 0); max ‖XᵀX−I‖ over its Stiefel factors."
     )
     fz_intro = (
