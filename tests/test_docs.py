@@ -56,7 +56,8 @@ def extract_blocks(text: str) -> list[tuple[int, str, bool]]:
 
 
 def _pages() -> list[Path]:
-    return sorted(p for p in DOCS.rglob("*.md"))
+    """The site's pages: docs/**/*.md except the benchmark reports under docs/assets (inlined)."""
+    return sorted(p for p in DOCS.rglob("*.md") if "assets" not in p.relative_to(DOCS).parts)
 
 
 def _page_id(p: Path) -> str:
