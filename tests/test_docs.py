@@ -166,6 +166,8 @@ def test_mkdocs_build_strict(tmp_path):
     api = (tmp_path / "site" / "api" / "optim" / "index.html").read_text()
     for name in ("RiemannianSGD", "RiemannianAdam", "LandingSGD", "LandingAdam", "LoRARITE", "riemannian", "landing"):
         assert f'id="stiefel_opt.optim.{name}"' in api or f'id="stiefel_opt.optim.wrappers.{name}"' in api, name
+    bench = (tmp_path / "site" / "benchmarks" / "index.html").read_text()
+    assert "include-results" not in bench and "<table>" in bench  # the demo report was inlined
     functional = (tmp_path / "site" / "api" / "functional" / "index.html").read_text()
     assert ":func:<code>" not in functional and "<code>safe_step</code>" in functional  # roles rendered as code
 
