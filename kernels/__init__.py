@@ -32,7 +32,6 @@ __all__ = [
     "landing_field",
     "retract_polar",
     "landing_adam_update",
-    "landing_sgd_update",
     "auto_dispatch",
 ]
 
@@ -238,41 +237,6 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     _steps.land(_steps.ADAM, g3, x3, c1, c2, m3, v3 if w3 is None else w3, k_x, k_d, tall3(out), **bc)
     _write_back(copy_back)
     return out
-
-
-def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
-                       dampening: float = 0.0, nesterov: bool = False, lam: float = 1.0,
-                       safe_eps: float = 0.5) -> tuple[Tensor, Tensor | None]:
-    """Fused :func:`stiefel_opt.functional.landing_sgd_update`, returning (X⁺, buf): D = G or
-    torch's momentum on G; Λ = ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I); X⁺ = X − ηΛ with the safe step.
-    Passes over a batch (B, n, p): Gram XᵀX; momentum with the Grams DᵀX, DᵀD; land. A buffer is
-    created (buf None, momentum > 0) or updated in place. More than :data:`MAX_FUSED_P` columns
-    run the torch reference.
-    """
-    from . import _steps
-
-    mats = (x, g) if buf is None else (x, g, buf)
-    (x3, g3), tall3, out = _tall_batch("landing_sgd_update", *mats)
-    if x3.shape[-1] > MAX_FUSED_P:
-        return F.landing_sgd_update(x, g, buf, lr=lr, momentum=momentum, dampening=dampening,
-                                    nesterov=nesterov, lam=lam, safe_eps=safe_eps)
-    core = _load()
-    copy_back: list = []
-    first = buf is None or momentum == 0  # D = G: no buffer is read (or written, momentum 0)
-    if buf is None and momentum != 0:
-        buf = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    m3 = x3 if momentum == 0 else _state_view(buf, tall3, copy_back)
-    xtx, _ = core.gram(x3, g3, core.MODE_X_G)
-    eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
-    c1, c2 = eye.expand_as(xtx), torch.zeros_like(xtx)  # the kernels' "T = G·C1 + X·C2" is G
-    mom = dict(momentum=momentum, nesterov=nesterov or momentum == 0)
-    dtx, dd = _steps.moments(_steps.SGD, g3, x3, c1, c2, m3, dampening=dampening, first=first,
-                             store=momentum != 0, **mom)
-    c_d, c_x = F.landing_coefficients(xtx, dtx, lam)
-    k_x, k_d = _landing_plan(xtx, dtx, dd, c_d, c_x, lr=lr, lam=lam, safe_eps=safe_eps)
-    _steps.land(_steps.SGD, g3, x3, c1, c2, m3, None, k_x, k_d, tall3(out), **mom)
-    _write_back(copy_back)
-    return out, buf
 
 
 def auto_dispatch(torch_fn: Callable, triton_fn: Callable) -> Callable:

@@ -396,8 +396,7 @@ def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
     gxg = gram(xg, xg)
     xtx = gxg[..., :p, :p]
     gtx = gxg[..., p:, :p]
-    coeff = torch.cat([0.5 * xtx, lam * (xtx - _eye_like(xtx)) - 0.5 * gtx], dim=-2)
-    return torch.cat([g, x], dim=-1) @ coeff
+    return torch.cat([g, x], dim=-1) @ torch.cat(landing_coefficients(xtx, gtx, lam), dim=-2)
 
 
 def safe_step(d: Tensor, a: Tensor, lam: float, eps: float = 0.5) -> Tensor:

@@ -120,38 +120,6 @@ def test_landing_adam_step_matches_reference(shape, lr, amsgrad, bf16):
             torch.testing.assert_close(t, r, **FP32)
 
 
-@FEW
-@given(shape=shapes(max_n=30, max_p=12), lr=st.sampled_from([0.05, 5.0]),
-       mode=st.sampled_from(["plain", "first", "momentum", "nesterov"]), bf16=st.booleans())
-def test_landing_sgd_step_matches_reference(shape, lr, mode, bf16):
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    x, g = _point_and_direction(shape, dtype)
-    momentum = 0.0 if mode == "plain" else 0.9
-    buf = None if mode in ("plain", "first") else torch.randn(shape)
-    ref_buf = None if buf is None else buf.clone()
-    kw = dict(lr=lr, lam=0.7, momentum=momentum, dampening=0.1 if mode == "momentum" else 0.0,
-              nesterov=mode == "nesterov")
-    out, new_buf = K.landing_sgd_update(x, g, buf, **kw)
-    ref, ref_new_buf = F.landing_sgd_update(x.float(), g.float(), ref_buf, **kw)
-    _close(out, ref.to(dtype), dtype)
-    if momentum == 0:
-        assert new_buf is None
-    else:
-        assert buf is None or new_buf is buf  # updated in place
-        _close(new_buf, ref_new_buf.to(new_buf.dtype), new_buf.dtype)
-
-def test_kernel_errors_name_the_fault():
-    x = torch.randn(5, 3)
-    with pytest.raises(ValueError, match=r"landing_field.*\(5, 4\)"):
-        K.landing_field(x, torch.randn(5, 4))
-    with pytest.raises(ValueError, match="shape \\(3,\\)"):
-        K.retract_polar(torch.randn(3), torch.randn(3))
-    with pytest.raises(TypeError, match="float64"):
-        K.landing_field(x.double(), x.double())
-    with pytest.raises(ValueError, match="backend must be one of"):
-        K.resolve_backend("cuda", x)
-
-
 def test_resolve_backend_auto_is_torch_on_cpu():
     x = torch.randn(4, 2)
     assert K.resolve_backend("auto", x) == "torch"
@@ -241,9 +209,6 @@ def _brockett_run(opt_cls, backend, steps=20, **kw):
     [
         ("LandingAdam", dict(lr=0.05, lam=1.0)),
         ("LandingAdam", dict(lr=0.05, lam=0.5, amsgrad=True)),
-        ("LandingSGD", dict(lr=0.005, momentum=0.9, nesterov=True, lam=1.0)),
-        ("LandingSGD", dict(lr=0.005, momentum=0.9, dampening=0.1, lam=1.0)),
-        ("LandingSGD", dict(lr=0.02, lam=2.0)),
     ],
 )
 def test_optimizer_triton_matches_torch_for_20_steps(opt_name, kw):

@@ -45,7 +45,6 @@ STEP_FUNCTIONS: dict[str, dict[str, Callable]] = {
     },
     # fused kernels (stiefel_opt.kernels; triton is imported on their first call only)
     "triton": {
-        "landing_sgd": _kernels.landing_sgd_update,
         "landing_adam": _kernels.landing_adam_update,
     },
 }
