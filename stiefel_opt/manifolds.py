@@ -7,6 +7,7 @@ All math is delegated to :mod:`stiefel_opt.functional`.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -228,6 +229,18 @@ class StiefelParameter(ManifoldParameter):
             data = data.data
         return super().__new__(cls, data, manifold=manifold, requires_grad=requires_grad)
 
+    def __deepcopy__(self, memo):
+        """Copy without re-checking orthonormality: a landing run leaves X slightly off the manifold."""
+        if id(self) not in memo:
+            memo[id(self)] = type(self)(self.data.clone(memory_format=torch.preserve_format),
+                                        manifold=copy.deepcopy(self.manifold, memo),
+                                        requires_grad=self.requires_grad, check=False)
+        return memo[id(self)]
+
+    def __reduce_ex__(self, proto):
+        build, args = torch.Tensor.__reduce_ex__(self.data, proto)
+        return _rebuild_stiefel_parameter, (build, args, type(self), self.manifold, self.requires_grad)
+
     @classmethod
     def random(cls, *shape: int, manifold: Stiefel | None = None, dtype=None, device=None,
                generator=None, requires_grad: bool = True) -> "StiefelParameter":
@@ -235,6 +248,10 @@ class StiefelParameter(ManifoldParameter):
         manifold = Stiefel() if manifold is None else manifold
         data = manifold.random(*shape, dtype=dtype, device=device, generator=generator)
         return cls(data, manifold=manifold, requires_grad=requires_grad, check=False)
+
+
+def _rebuild_stiefel_parameter(build, args, cls, manifold, requires_grad):
+    return cls(build(*args), manifold=manifold, requires_grad=requires_grad, check=False)
 
 
 _INITS = ("project", "keep", "random")

@@ -193,3 +193,18 @@ def test_shared_q_spectral(core):
         SharedQSpectral(4, 2, core="tri")
     with pytest.raises(ValueError, match="0 < r <= n"):
         SharedQSpectral(4, 5)
+
+
+def test_off_manifold_parameter_survives_deepcopy_and_pickle():
+    """A landing optimizer leaves X slightly off the manifold: copies must not re-check it."""
+    p = StiefelParameter(1.01 * F.random_point(6, 2), check=False)
+    for clone in (copy.deepcopy(p), _pickled(p)):
+        assert type(clone) is StiefelParameter and torch.equal(clone.detach(), p.detach())
+        assert clone.requires_grad and is_stiefel(clone.manifold)
+
+
+def _pickled(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
