@@ -264,7 +264,9 @@ def constrain(module: nn.Module, name: str = "weight", manifold: Stiefel | None 
     A conv weight (out, in, *kernel) is seen as the (out, in·∏kernel) matrix; a wide matrix has
     orthonormal rows. ``init``: ``"project"`` — the nearest orthonormal matrix (polar factor;
     rank-deficient weights raise), ``"keep"`` — the values as they are (a landing optimizer
-    pulls them onto the manifold), ``"random"`` — a Haar-random point.
+    pulls them onto the manifold only from inside its safe region ‖XᵀX − I‖_F < safe_eps; PyTorch's
+    default initialisation is usually outside it, so prefer "project" there), ``"random"`` — a
+    Haar-random point.
 
     Call it before building the optimizer: the module's parameter is replaced by a new object.
     """
