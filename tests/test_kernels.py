@@ -68,9 +68,12 @@ def test_landing_field_matches_reference(shape, lam, bf16):
 @FEW
 @given(shape=shapes(), bf16=st.booleans())
 def test_retract_polar_matches_reference(shape, bf16):
+    """‖V‖₂ ≤ 1/2 keeps X + V well conditioned (σ_min ≥ 1/2): a nearly square X + 0.2·randn can
+    be near-singular, and there the fp32 polar factor itself is ill-determined."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     x, v = _point_and_direction(shape, dtype, off=0.0)
-    v = (0.2 * v.float()).to(dtype)
+    v = v.float()
+    v = (0.5 * v / torch.linalg.matrix_norm(v, ord=2)[..., None, None]).to(dtype)
     y = K.retract_polar(x, v)
     _close(y, F.retract_polar(x, v), dtype)
     if not bf16:
