@@ -33,6 +33,7 @@ __all__ = [
     "retract_polar",
     "landing_adam_update",
     "auto_dispatch",
+    "FUSED_STEPS",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -249,3 +250,10 @@ def auto_dispatch(torch_fn: Callable, triton_fn: Callable) -> Callable:
         return fn(x, g, *args, **kwargs)
 
     return step
+
+
+#: step name → fused batched step function with the contract of its ``stiefel_opt.functional``
+#: twin; the optimizers dispatch to these for ``backend="triton"`` (and "auto" on CUDA).
+FUSED_STEPS: dict[str, Callable] = {
+    "landing_adam": landing_adam_update,
+}

@@ -44,9 +44,7 @@ STEP_FUNCTIONS: dict[str, dict[str, Callable]] = {
         "landing_adam": F.landing_adam_update,
     },
     # fused kernels (stiefel_opt.kernels; triton is imported on their first call only)
-    "triton": {
-        "landing_adam": _kernels.landing_adam_update,
-    },
+    "triton": _kernels.FUSED_STEPS,
 }
 
 _LOW = (torch.float16, torch.bfloat16)
