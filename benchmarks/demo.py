@@ -35,7 +35,7 @@ def run(quick: bool = False, out: Path = Path("results/demo")) -> dict:
     ft = finetune.run(out=out / "finetune", setting=ft_setting)
     print("[2/2] low-rank factorization (PoLAR Fig. 3 problem)")
     fz = factorization.run(out=out / "factorization", grid=fz_grid)
-    rows = [{k: v for k, v in row.items() if k != "r"} for row in ft["rows"]]
+    rows = [{k: v for k, v in row.items() if k not in ("r", "seeds")} for row in ft["rows"]]
     ft_table = markdown_table(rows)
     fz_table = factorization.pivot_table(fz["rows"], fz_grid)
     seconds = time.perf_counter() - t0

