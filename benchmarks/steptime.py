@@ -7,6 +7,11 @@ Gradients are fixed; ``step()`` alone is timed (median over repeats). Reported: 
 ratio to torch Adam, speed-up over geoopt, optimizer-state bytes, and the peak memory of a step
 (CUDA only: on CPU torch has no allocator statistics, so the column reads "n/a (CPU)").
 
+Scaling: ``COUNT`` matrices of n × p, over n at fixed p (``SCALE_N``) and over p at fixed n
+(``SCALE_P``), for torch Adam(foreach), LandingAdam, RiemannianAdam and geoopt's RiemannianAdam.
+At each point the four optimizers step in turn, round-robin, so that drift of the machine hits
+them alike; plotted as ms per step against n and against p (log-log).
+
 ``python -m benchmarks steptime [--quick] [--out results]``
 """
 from __future__ import annotations
@@ -16,13 +21,19 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._report import device_header, markdown_table, progress, write_json, write_markdown
+from benchmarks._report import device_header, markdown_table, plot_lines, progress, write_json, write_markdown
 from stiefel_opt import (LandingAdam, LandingSGD, RiemannianAdam, RiemannianSGD, StiefelParameter, landing,
                          riemannian)
 from stiefel_opt import functional as F
 from stiefel_opt._geoopt import geoopt
 
 MIXES = [(16, 4096, 32), (64, 1024, 16), (32, 768, 8)]
+COUNT = 4  # matrices per scaling point
+SCALE_N = {"p": 16, "n": (256, 512, 1024, 2048, 4096, 8192, 16384)}
+SCALE_P = {"n": 4096, "p": (4, 8, 16, 32, 64, 128, 256)}
+QUICK_SCALE_N = {"p": 16, "n": (256, 2048, 16384)}
+QUICK_SCALE_P = {"n": 4096, "p": (4, 32, 256)}
+SCALING = ("torch Adam (foreach, unconstrained)", "LandingAdam", "RiemannianAdam", "geoopt RiemannianAdam")
 
 
 def _optimizers():
@@ -52,6 +63,15 @@ def _params(count, n, p, kind, device):
     for prm, g in zip(ps, grads):
         prm.grad = g.clone().to(device)
     return ps
+
+
+def _make(name: str, count: int, n: int, p: int, device):
+    """Optimizer ``name`` of ``_optimizers()`` on fresh parameters (fixed gradients) of shape count × (n × p)."""
+    if name.startswith("torch Adam"):
+        return torch.optim.Adam(_params(count, n, p, "plain", device), lr=1e-3, foreach=True)
+    if name.startswith("geoopt"):
+        return geoopt.optim.RiemannianAdam(_params(count, n, p, "geoopt", device), lr=1e-3)
+    return _optimizers()[name](_params(count, n, p, "stiefel", device))
 
 
 def _state_bytes(opt) -> int:
@@ -94,12 +114,7 @@ def run(quick: bool = False, out: Path = Path("results/steptime")) -> dict:
     jobs = [(mix, name) for mix in MIXES for name in makers]
     for (count, n, p), name in progress(jobs, desc="steptime"):
         mix = f"{count}×({n}×{p})"
-        if name.startswith("torch Adam"):
-            opt = torch.optim.Adam(_params(count, n, p, "plain", device), lr=1e-3, foreach=True)
-        elif name.startswith("geoopt"):
-            opt = geoopt.optim.RiemannianAdam(_params(count, n, p, "geoopt", device), lr=1e-3)
-        else:
-            opt = makers[name](_params(count, n, p, "stiefel", device))
+        opt = _make(name, count, n, p, device)
         ms, peak = _time(opt, device, warmup, repeats)
         results.setdefault(mix, {})[name] = {"ms": ms, "state_MiB": _state_bytes(opt) / 2**20, "peak_MiB": peak}
     for mix, res in results.items():
@@ -115,19 +130,79 @@ def run(quick: bool = False, out: Path = Path("results/steptime")) -> dict:
                 "peak MiB": "n/a (CPU)" if r["peak_MiB"] is None else round(r["peak_MiB"], 1),
             })
     header = device_header(device)
-    data = {"device": header, "quick": quick, "warmup": warmup, "repeats": repeats, "results": results}
+    over_n = scaling("n", QUICK_SCALE_N if quick else SCALE_N, device, warmup, repeats)
+    over_p = scaling("p", QUICK_SCALE_P if quick else SCALE_P, device, warmup, repeats)
+    data = {"device": header, "quick": quick, "warmup": warmup, "repeats": repeats, "results": results,
+            "scaling_n": over_n, "scaling_p": over_p}
     write_json(out / "steptime.json", data)
     table = markdown_table(rows)
+    scale_n, scale_p = scaling_table(over_n), scaling_table(over_p)
     write_markdown(out / "steptime.md", "Optimizer step time", [
         "Median ms per `step()` with fixed gradients; ratios measured side by side in one process. "
         "`÷ torch Adam`: this step / torch Adam(foreach) on unconstrained parameters of the same shapes. "
         "`geoopt RAdam ÷ this`: speed-up over geoopt's RiemannianAdam on the same Stiefel matrices.",
         table,
+        f"## Scaling over n ({COUNT} matrices n × {over_n['fixed']['p']})",
+        "Median ms per `step()`; the four optimizers step in turn at each point. In brackets: ÷ torch Adam.",
+        scale_n,
+        f"## Scaling over p ({COUNT} matrices {over_p['fixed']['n']} × p)",
+        scale_p,
     ], device=device.type)
     _plot(results, out / "steptime.png", header)
+    for over in (over_n, over_p):
+        x = over["axis"]
+        fixed = ", ".join(f"{k} = {v}" for k, v in over["fixed"].items())
+        plot_lines(out / f"steptime_scaling_{x}.png",
+                   {name: (over["values"], ms) for name, ms in over["ms"].items()},
+                   f"{COUNT} matrices, {fixed}; {device.type}, {torch.get_num_threads()} thread(s)", x, "ms per step", logx=True, logy=True)
     print(header)
     print(table)
+    print(scale_n)
+    print(scale_p)
     return data
+
+
+def scaling(axis: str, grid: dict, device, warmup: int, repeats: int, names=SCALING, count: int = COUNT) -> dict:
+    """Median ms per step of ``names`` over ``grid[axis]`` (the other dimension fixed), round-robin timed."""
+    fixed = {k: v for k, v in grid.items() if k != axis}
+    ms = {name: [] for name in names}
+    for v in progress(grid[axis], desc=f"steptime scaling over {axis}"):
+        shape = {**fixed, axis: v}
+        opts = {name: _make(name, count, shape["n"], shape["p"], device) for name in names}
+        for res_name, t in _time_round_robin(opts, device, warmup, repeats).items():
+            ms[res_name].append(t)
+    return {"axis": axis, "values": list(grid[axis]), "fixed": fixed, "count": count, "ms": ms}
+
+
+def _time_round_robin(opts: dict, device, warmup: int, repeats: int) -> dict:
+    """Median ms per ``step()`` of each optimizer, the optimizers stepping in turn."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        for opt in opts.values():
+            opt.step()
+    sync()
+    times = {name: [] for name in opts}
+    for _ in range(repeats):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def scaling_table(over: dict) -> str:
+    """One row per grid value, one column per optimizer: ms per step (÷ torch Adam)."""
+    names = list(over["ms"])
+    base = over["ms"][names[0]]
+    rows = []
+    for i, v in enumerate(over["values"]):
+        row = {over["axis"]: v}
+        for name in names:
+            t = over["ms"][name][i]
+            row[name] = f"{t:.3g}" if name == names[0] else f"{t:.3g} ({t / base[i]:.1f}×)"
+        rows.append(row)
+    return markdown_table(rows)
 
 
 def _plot(results: dict, path: Path, header: str) -> None:

@@ -134,3 +134,14 @@ def test_feasibility_run_one_reports_distance_curve():
     res = feasibility.run_one("RiemannianSGD", lambda ps: so.RiemannianSGD(ps, lr=0.1), torch.float32, 20, 10)
     assert res["error"] is None and [t for t, _ in res["curve"]] == [0, 10, 20]
     assert max(d for _, d in res["curve"]) < 1e-4
+
+
+def test_steptime_scaling_times_every_optimizer_at_every_point():
+    from benchmarks import steptime
+
+    over = steptime.scaling("n", {"p": 3, "n": (8, 16)}, torch.device("cpu"), 1, 3, count=2)
+    assert over["values"] == [8, 16] and over["fixed"] == {"p": 3} and over["count"] == 2
+    assert set(over["ms"]) == set(steptime.SCALING)
+    assert all(len(v) == 2 and min(v) > 0 for v in over["ms"].values())
+    lines = steptime.scaling_table(over).strip().split("\n")
+    assert len(lines) == 4 and lines[2].startswith("| 8 |") and lines[2].count("×)") == len(steptime.SCALING) - 1
