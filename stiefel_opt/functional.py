@@ -388,15 +388,14 @@ def project(x: Tensor, rtol: float | None = None) -> Tensor:
 def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
     """Landing field Λ(X) = ½(G·XᵀX − X·GᵀX) + λ X(XᵀX − I)  (Ablin et al.; = skew(GXᵀ)X + λ∇N).
 
-    One Gram product of [X G] gives XᵀX and GᵀX (p×p); Λ = [G X]·C with the 2p×p matrix
-    C = [½XᵀX ; −½GᵀX + λ(XᵀX − I)]. G Xᵀ (n×n) is never formed.
+    One Gram product Xᵀ[X G] gives XᵀX and XᵀG (p×p); Λ = [X G]·C with the 2p×p matrix
+    C = [λ(XᵀX − I) − ½GᵀX ; ½XᵀX] (:func:`landing_coefficients`). G Xᵀ (n×n) is never formed.
     """
     p = x.shape[-1]
     xg = torch.cat([x, g], dim=-1)
-    gxg = gram(xg, xg)
-    xtx = gxg[..., :p, :p]
-    gtx = gxg[..., p:, :p]
-    return torch.cat([g, x], dim=-1) @ torch.cat(landing_coefficients(xtx, gtx, lam), dim=-2)
+    s = gram(x, xg)
+    c_g, c_x = landing_coefficients(s[..., :p], s[..., p:].transpose(-1, -2), lam)
+    return xg @ torch.cat([c_x, c_g], dim=-2)
 
 
 def safe_step(d: Tensor, a: Tensor, lam: float, eps: float = 0.5) -> Tensor:
@@ -601,19 +600,52 @@ def _tall_all(x: Tensor, *others: Tensor | None) -> tuple[bool, list[Tensor | No
     return wide, ([_mT(a) for a in mats] if wide else mats)
 
 
-def _relative_tangent(x: Tensor, g: Tensor, xtx: Tensor) -> Tensor:
-    return 0.5 * (g @ xtx - x @ gram(g, x))
+def _tangent_and_gram(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """(T, XᵀX) with T = ½(G·XᵀX − X·GᵀX) = R(G): one Gram Xᵀ[X G] and one product [X G]·C."""
+    p = x.shape[-1]
+    xg = torch.cat([x, g], dim=-1)
+    s = gram(x, xg)
+    xtx, xtg = s[..., :p], s[..., p:]
+    return xg @ torch.cat([-0.5 * xtg.transpose(-1, -2), 0.5 * xtx], dim=-2), xtx
+
+
+def _with_x(x: Tensor) -> Tensor:
+    """A new [X U] buffer holding X, its right half U left for the caller to write."""
+    xu = x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
+    xu[..., : x.shape[-1]] = x
+    return xu
+
+
+def _land(xu: Tensor, xtx: Tensor, scale: float, *, lr: float, lam: float, safe_eps: float) -> Tensor:
+    """X⁺ = X − ηΛ for Λ = R(sU) + λX(XᵀX − I), R(V) = ½(V·XᵀX − X·VᵀX), [X U] = ``xu``, s = ``scale``.
+
+    Λ = (sU)·C_U + X·C_X (:func:`landing_coefficients`); ‖Λ‖_F from the Gram Uᵀ[X U]
+    (:func:`frobenius_from_gram`); the per-matrix η = min(lr, η*(‖XᵀX − I‖_F, ‖Λ‖_F))
+    (:func:`safe_step`); X⁺ = [X U]·[I − ηC_X ; −ηsC_U], one product. O(np²), two passes over [X U].
+    ⟨R(V), X(XᵀX − I)⟩ = 0 for any V, which keeps the safe-step bound valid."""
+    p = xtx.shape[-1]
+    s = gram(xu[..., p:], xu)
+    utx = scale * s[..., :p]
+    c_u, c_x = landing_coefficients(xtx, utx, lam)
+    eye = _eye_like(xtx)
+    dist = torch.linalg.matrix_norm(xtx - eye)
+    a = frobenius_from_gram(c_u, c_x, (scale * scale) * s[..., p:], utx.transpose(-1, -2), xtx)
+    eta = safe_step(dist, a, lam, safe_eps).clamp_max(lr)[..., None, None]
+    return xu @ torch.cat([eye - eta * c_x, (-scale) * eta * c_u], dim=-2)
 
 
 @_tall(2)
 def relative_tangent(x: Tensor, g: Tensor) -> Tensor:
     """Tangent term of the landing field T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ) X (n×n never formed)."""
-    return _relative_tangent(x, g, gram(x, x))
+    return _tangent_and_gram(x, g)[0]
 
 
 def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, t: Tensor,
-                    step: int, beta1: float, beta2: float, eps: float, scalar_v: bool) -> Tensor:
-    """Update the moments in place with t and return D = (m/bc1) / (√v̂/√bc2 + eps).
+                    step: int, beta1: float, beta2: float, eps: float, scalar_v: bool,
+                    out: Tensor | None = None) -> tuple[Tensor, float]:
+    """Update the moments in place with t and return (D', s) with s·D' = (m/bc1) / (√v̂/√bc2 + eps):
+    D' = m / (√v̂ + eps·√bc2) (written to ``out`` when given; t is then used as scratch) and
+    s = √bc2/bc1, a scalar the caller folds into its p×p coefficients.
 
     scalar_v: v is one value per matrix (shape (…, 1, 1)), the EMA of mean(t²)."""
     exp_avg.lerp_(t, 1.0 - beta1)
@@ -625,10 +657,9 @@ def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor 
     if max_exp_avg_sq is not None:
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         v = max_exp_avg_sq
-    bc1 = 1.0 - beta1**step
     bc2_sqrt = (1.0 - beta2**step) ** 0.5
-    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    return (exp_avg / denom).div_(bc1)
+    denom = torch.sqrt(v, out=t if out is not None and not scalar_v else None).add_(eps * bc2_sqrt)
+    return torch.div(exp_avg, denom, out=out), bc2_sqrt / (1.0 - beta1**step)
 
 
 def _momentum(t: Tensor, buf: Tensor | None, momentum: float, dampening: float,
@@ -674,28 +705,12 @@ def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Te
     onto the tangent space at X when v is element-wise; X⁺ = R_X(−lr·D); m ← P_{X⁺}(m)."""
     wide, (x, g, exp_avg, exp_avg_sq, max_exp_avg_sq) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq)
     rg = egrad2rgrad(x, g, metric)
-    d = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, rg, step, beta1, beta2, eps, scalar_v)
+    d, scale = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, rg, step, beta1, beta2, eps, scalar_v)
     if not scalar_v:
         d = proj_tangent(x, d)
-    x_new = retract(x, d.mul_(-lr), retraction, metric)
+    x_new = retract(x, d.mul_(-lr * scale), retraction, metric)
     exp_avg.copy_(proj_tangent(x_new, exp_avg))
     return _mT(x_new) if wide else x_new
-
-
-def _relative(x: Tensor, d: Tensor, xtx: Tensor) -> Tensor:
-    """Relative form R(D) = ½(D·XᵀX − X·DᵀX) = skew(D Xᵀ) X: ⟨R(D), X(XᵀX − I)⟩ = 0 for any D."""
-    return 0.5 * (d @ xtx - x @ gram(d, x))
-
-
-def _land(x: Tensor, tangent: Tensor, xtx: Tensor, *, lr: float, lam: float, safe_eps: float) -> Tensor:
-    """X − η Λ with Λ = tangent + λX(XᵀX − I) and the per-matrix capped safe step
-    η = min(lr, η*(‖XᵀX − I‖_F, ‖Λ‖_F)); ``tangent`` must be a relative form S·X (S skew)."""
-    e = xtx - _eye_like(xtx)
-    field = tangent + x @ (lam * e)
-    dist = torch.linalg.matrix_norm(e)
-    a = _frobenius(field)
-    eta = safe_step(dist, a, lam, safe_eps).clamp_max(lr)
-    return x - eta[..., None, None] * field
 
 
 def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
@@ -707,12 +722,15 @@ def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, m
     at earlier points, and Λ vanishes at critical points where T = 0); X⁺ = X − ηΛ with the
     per-matrix η = min(lr, η*) of :func:`safe_step`. O(np²): only p×p Grams. Returns (X⁺, buf)."""
     wide, (x, g, buf_t) = _tall_all(x, g, buf)
-    xtx = gram(x, x)
-    t = _relative_tangent(x, g, xtx)
+    t, xtx = _tangent_and_gram(x, g)
     d, buf_t = _momentum(t, buf_t, momentum, dampening, nesterov)
-    if momentum:
-        d = t + _relative(x, d - t, xtx)
-    x_new = _land(x, d, xtx, lr=lr, lam=lam, safe_eps=safe_eps)
+    xu = _with_x(x)
+    u = xu[..., x.shape[-1]:]
+    if momentum:  # Λ = R(G) + R(D − T) + λX(XᵀX − I) = R(G + D − T) + λX(XᵀX − I): R is linear
+        torch.sub(d, t, out=u).add_(g)
+    else:
+        u.copy_(g)
+    x_new = _land(xu, xtx, 1.0, lr=lr, lam=lam, safe_eps=safe_eps)
     if wide:
         return _mT(x_new), _mT(buf_t)
     return x_new, buf_t
@@ -729,8 +747,9 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     same relative form, Λ = ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I); X⁺ = X − ηΛ with the per-matrix
     η = min(lr, η*) of :func:`safe_step`. O(np²)."""
     wide, (x, g, exp_avg, exp_avg_sq, max_exp_avg_sq) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq)
-    xtx = gram(x, x)
-    t = _relative_tangent(x, g, xtx)
-    d = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, t, step, beta1, beta2, eps, scalar_v)
-    x_new = _land(x, _relative(x, d, xtx), xtx, lr=lr, lam=lam, safe_eps=safe_eps)
+    t, xtx = _tangent_and_gram(x, g)
+    xu = _with_x(x)
+    _, scale = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, t, step, beta1, beta2, eps, scalar_v,
+                               out=xu[..., x.shape[-1]:])
+    x_new = _land(xu, xtx, scale, lr=lr, lam=lam, safe_eps=safe_eps)
     return _mT(x_new) if wide else x_new
