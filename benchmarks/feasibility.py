@@ -78,40 +78,51 @@ def run_one(name: str, make, dtype: torch.dtype, steps: int, every: int, seed: i
 
 
 def run(quick: bool = False, out: Path = Path("results/feasibility")) -> dict:
-    """All optimizers × {fp32, bf16}; 100,000 steps (quick: 2,000). Writes JSON, Markdown, plots."""
+    """All optimizers × {fp32, bf16}; 100,000 steps (quick: 2,000). Writes JSON, Markdown, plots.
+
+    The report is rewritten after every run, so an interrupted run leaves the runs done so far.
+    """
     out = Path(out)
     steps = 2_000 if quick else 100_000
     every = max(1, steps // 200)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matrices: one thread is faster and leaves the other core free
+    t_start = time.perf_counter()
     try:
         results, rows = {}, []
         for dtype in (torch.float32, torch.bfloat16):
-            series = {}
             for name, make in _optimizers().items():
                 res = run_one(name, make, dtype, steps, every)
-                results[f"{name} {dtype}"] = res
+                results[f"{name} {dtype}"] = {**res, "optimizer": name, "dtype": str(dtype)[6:]}
                 ds = [d for _, d in res["curve"]]
                 rows.append({
-                    "optimizer": name, "dtype": str(dtype).replace("torch.", ""),
+                    "optimizer": name, "dtype": str(dtype)[6:],
                     "steps done": res["curve"][-1][0] if res["curve"] else 0,
                     "final ‖XᵀX−I‖": ds[-1] if ds else None, "max ‖XᵀX−I‖": max(ds) if ds else None,
                     "ms/step (incl. gradient)": (1e3 * res["seconds"] / res["curve"][-1][0]
                                                  if res["curve"] and res["curve"][-1][0] else None),
                     "error": res["error"] or "",
                 })
-                if ds:
-                    series[name] = ([t for t, _ in res["curve"]], [max(d, 1e-16) for d in ds])
-            plot_lines(out / f"feasibility_{str(dtype)[6:]}.png", series,
-                       f"distance to St({N},{P}) (max over {K} matrices), {str(dtype)[6:]} parameters",
-                       "step", "‖XᵀX − I‖_F", logy=True)
+                _write_reports(out, steps, every, rows, results, time.perf_counter() - t_start, complete=False)
     finally:
         torch.set_num_threads(threads)
-    table = markdown_table(rows)
+    _write_reports(out, steps, every, rows, results, time.perf_counter() - t_start, complete=True)
+    print(markdown_table(rows))
+    return {"rows": rows, "results": results}
+
+
+def _write_reports(out: Path, steps: int, every: int, rows, results, seconds: float, complete: bool) -> None:
+    """feasibility.md/.json and one plot per dtype from the runs done so far."""
+    for dtype in sorted({r["dtype"] for r in results.values()}):
+        series = {r["optimizer"]: ([t for t, _ in r["curve"]], [max(d, 1e-16) for _, d in r["curve"]])
+                  for r in results.values() if r["dtype"] == dtype and r["curve"]}
+        plot_lines(out / f"feasibility_{dtype}.png", series,
+                   f"distance to St({N},{P}) (max over {K} matrices), {dtype} parameters",
+                   "step", "‖XᵀX − I‖_F", logy=True)
     setup = (f"Noisy PCA on St({N}, {P}), {K} matrices, {steps} steps, gradient −CX + Ξ_t with fresh "
              "Gaussian noise Ξ_t (‖Ξ_t‖_F ≈ 0.1√p); distance ‖XᵀX − I‖_F measured on the stored parameter "
-             f"every {every} steps (max over the matrices). geoopt: RiemannianAdam on EuclideanStiefel.")
-    write_markdown(out / "feasibility.md", "Feasibility over long runs", [setup, table])
-    write_json(out / "feasibility.json", {"header": device_header(), "steps": steps, "rows": rows, "results": results})
-    print(table)
-    return {"rows": rows, "results": results}
+             f"every {every} steps (max over the matrices). geoopt: RiemannianAdam on EuclideanStiefel. "
+             f"{'Total' if complete else 'PARTIAL (run in progress), so far'} {seconds:.0f} s.")
+    write_markdown(out / "feasibility.md", "Feasibility over long runs", [setup, markdown_table(rows)])
+    write_json(out / "feasibility.json", {"header": device_header(), "steps": steps, "rows": rows,
+                                          "results": results, "seconds": seconds, "complete": complete})

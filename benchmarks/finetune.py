@@ -152,6 +152,7 @@ class Method:
     adapter: str
     optimizer: str  # adamw | lora_rite | landing_adam | riemannian_adam | riemannian_adamw
     lr: float
+    lam: float = 1.0  # landing's λ (landing_adam only)
 
 
 METHODS = {
@@ -184,7 +185,7 @@ def build(method: Method, model, head: nn.Module, r: int, top: int):
     if method.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=method.lr, weight_decay=0.0)
     if method.optimizer == "landing_adam":
-        return so.LandingAdam(groups, lr=method.lr)
+        return so.LandingAdam(groups, lr=method.lr, lam=method.lam)
     if method.optimizer == "riemannian_adam":
         return so.RiemannianAdam(groups, lr=method.lr)
     if method.optimizer == "riemannian_adamw":
