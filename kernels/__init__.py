@@ -31,7 +31,10 @@ __all__ = [
     "check_tensors",
     "landing_field",
     "retract_polar",
+    "landing_sgd_update",
     "landing_adam_update",
+    "riemannian_sgd_update",
+    "riemannian_adam_update",
     "auto_dispatch",
     "FUSED_STEPS",
 ]
@@ -195,16 +198,16 @@ def _write_back(copy_back: list) -> None:
             t.copy_(v.reshape(t.shape))
 
 
-def _landing_plan(xtx: Tensor, dtx: Tensor, dd: Tensor, c_d: Tensor, c_x: Tensor, *, lr: float,
+def _landing_plan(xtx: Tensor, c_x: Tensor, c_a: Tensor, aa: Tensor, xta: Tensor, *, lr: float,
                   lam: float, safe_eps: float) -> tuple[Tensor, Tensor]:
-    """p×p phase of a landing step: with Λ = D·C_D + X·C_X, d = ‖XᵀX − I‖_F, a = ‖Λ‖_F (from the
-    Grams), η = min(lr, safe_step(d, a)); returns the coefficients of X⁺ = X − ηΛ = X·(I − ηC_X) +
-    D·(−ηC_D)."""
+    """p×p phase of a landing step: with Λ = A·C_A + X·C_X and the Grams AᵀA, XᵀA, d = ‖XᵀX − I‖_F,
+    a = ‖Λ‖_F, η = min(lr, safe_step(d, a)); returns the coefficients of X⁺ = X − ηΛ =
+    X·(I − ηC_X) + A·(−ηC_A)."""
     eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
     dist = torch.linalg.matrix_norm(xtx - eye)
-    a = F.frobenius_from_gram(c_d, c_x, dd, dtx.transpose(-1, -2), xtx)
+    a = F.frobenius_from_gram(c_a, c_x, aa, xta, xtx)
     eta = F.safe_step(dist, a, lam, safe_eps).clamp_max(lr)[..., None, None]
-    return eye - eta * c_x, -eta * c_d
+    return eye - eta * c_x, -eta * c_a
 
 
 def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -218,8 +221,8 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     """
     from . import _steps
 
-    state = (exp_avg, exp_avg_sq) + (() if max_exp_avg_sq is None else (max_exp_avg_sq,))
-    (x3, g3), tall3, out = _tall_batch("landing_adam_update", x, g, *state)
+    (x3, g3), tall3, out = _tall_batch("landing_adam_update", x, g,
+                                       *_matrix_state(exp_avg, exp_avg_sq, max_exp_avg_sq, scalar_v))
     if scalar_v or x3.shape[-1] > MAX_FUSED_P:
         return F.landing_adam_update(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
                                      beta1=beta1, beta2=beta2, eps=eps, lam=lam,
@@ -231,11 +234,163 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     w3 = None if max_exp_avg_sq is None else _state_view(max_exp_avg_sq, tall3, copy_back)
     xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
     c1, c2 = F.landing_coefficients(xtx, gtx, 0.0)  # T = G·C1 + X·C2
-    bc = dict(bc1=1.0 - beta1**step, bc2_sqrt=(1.0 - beta2**step) ** 0.5, eps=eps)
-    dtx, dd = _steps.moments(_steps.ADAM, g3, x3, c1, c2, m3, v3, w3, beta1=beta1, beta2=beta2, **bc)
+    bc = _adam_bias(step, beta1, beta2, eps)
+    dtx, dd = _steps.pass_b(_steps.LANDING_ADAM, g3, x3, c1, c2, m3, v3, w3, beta1=beta1, beta2=beta2, **bc)
     c_d, c_x = F.landing_coefficients(xtx, dtx, lam)
-    k_x, k_d = _landing_plan(xtx, dtx, dd, c_d, c_x, lr=lr, lam=lam, safe_eps=safe_eps)
-    _steps.land(_steps.ADAM, g3, x3, c1, c2, m3, v3 if w3 is None else w3, k_x, k_d, tall3(out), **bc)
+    plan = _landing_plan(xtx, c_x, c_d, dd, dtx.mT, lr=lr, lam=lam, safe_eps=safe_eps)
+    _steps.pass_c(_steps.LANDING_ADAM, g3, x3, c1, c2, m3, v3 if w3 is None else w3, plan, tall3(out), **bc)
+    _write_back(copy_back)
+    return out
+
+
+def _matrix_state(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+                  scalar_v: bool) -> tuple[Tensor, ...]:
+    """The Adam state tensors shaped like the point (the second moments are (…, 1, 1) when scalar)."""
+    if scalar_v:
+        return (exp_avg,)
+    return (exp_avg, exp_avg_sq) + (() if max_exp_avg_sq is None else (max_exp_avg_sq,))
+
+
+def _adam_bias(step: int, beta1: float, beta2: float, eps: float) -> dict:
+    return dict(bc1=1.0 - beta1**step, bc2_sqrt=(1.0 - beta2**step) ** 0.5, eps=eps)
+
+
+def _momentum_buffer(buf: Tensor | None, momentum: float, x: Tensor, tall3: Callable[[Tensor], Tensor],
+                     copy_back: list) -> tuple[Tensor | None, Tensor | None]:
+    """(tall (B, n, p) view, tensor to return) of an SGD momentum buffer: the given one (updated in
+    place), a new one in the point's layout when ``buf`` is None and ``momentum`` ≠ 0 (fp32 for
+    bf16/fp16 points), or (None, buf) without momentum (buf untouched)."""
+    if not momentum:
+        return None, buf
+    if buf is not None:
+        return _state_view(buf, tall3, copy_back), buf
+    dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    new = torch.empty(x.shape, dtype=dtype, device=x.device)
+    return tall3(new), new
+
+
+def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
+                       dampening: float = 0.0, nesterov: bool = False, lam: float = 1.0,
+                       safe_eps: float = 0.5) -> tuple[Tensor, Tensor | None]:
+    """Fused :func:`stiefel_opt.functional.landing_sgd_update`, three passes over a batch
+    (B, n, p): Gram [X G]; momentum on T = ½(G·XᵀX − X·GᵀX) with the Grams of U = D − T and
+    Z = T + U·½XᵀX; X⁺ = X − ηΛ with Λ = T + R(U) + λX(XᵀX − I) = Z + X·(λ(XᵀX − I) − ½UᵀX).
+    Returns (X⁺, buf) as the reference; more than :data:`MAX_FUSED_P` columns run the reference.
+    """
+    from . import _steps
+
+    (x3, g3), tall3, out = _tall_batch("landing_sgd_update", x, g, *(() if buf is None else (buf,)))
+    if x3.shape[-1] > MAX_FUSED_P:
+        return F.landing_sgd_update(x, g, buf, lr=lr, momentum=momentum, dampening=dampening,
+                                    nesterov=nesterov, lam=lam, safe_eps=safe_eps)
+    core = _load()
+    copy_back: list = []
+    first = buf is None
+    m3, buf = _momentum_buffer(buf, momentum, x, tall3, copy_back)
+    xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
+    c1, c2 = F.landing_coefficients(xtx, gtx, 0.0)  # T = G·C1 + X·C2, and R(U) = U·C1 + X·(…)
+    sgd = dict(momentum=momentum, nesterov=nesterov)
+    utx, ztx, zz = _steps.pass_b(_steps.LANDING_SGD, g3, x3, c1, c2, m3, dampening=dampening,
+                                 first=first, **sgd)
+    _, c_x = F.landing_coefficients(xtx, utx, lam)
+    eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
+    plan = _landing_plan(xtx, c_x, eye, zz, ztx.mT, lr=lr, lam=lam, safe_eps=safe_eps)
+    _steps.pass_c(_steps.LANDING_SGD, g3, x3, c1, c2, m3, None, plan, tall3(out), **sgd)
+    _write_back(copy_back)
+    return out, buf
+
+
+def _rgrad_coefficient(gtx: Tensor, metric: str) -> Tensor:
+    """C with rgrad(X, G) = G + X·C: −sym(XᵀG) (euclidean, :func:`~stiefel_opt.functional.proj_tangent`)
+    or −GᵀX (canonical, :func:`~stiefel_opt.functional.canonical_rgrad`)."""
+    return -(F.sym(gtx) if metric == "euclidean" else gtx)
+
+
+def _transport_coefficient(k: Tensor, ytm: Tensor) -> Tensor:
+    """J with P_{X⁺}(M) = M − Y·J for X⁺ = Y·K, from YᵀM: J = K·sym(KᵀYᵀM)
+    (:func:`~stiefel_opt.functional.proj_tangent` at X⁺)."""
+    return k @ F.sym(k.mT @ ytm)
+
+
+def _fused_polar(retraction: str, metric: str, p: int) -> bool:
+    """Whether a Riemannian step runs fused: polar retraction, a known metric and at most
+    :data:`MAX_FUSED_P` columns (anything else runs, or is rejected by, the torch reference)."""
+    return retraction == "polar" and metric in F.METRICS and p <= MAX_FUSED_P
+
+
+def riemannian_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
+                          dampening: float = 0.0, nesterov: bool = False, retraction: str = "polar",
+                          metric: str = "euclidean") -> tuple[Tensor, Tensor | None]:
+    """Fused :func:`stiefel_opt.functional.riemannian_sgd_update` for ``retraction="polar"`` (either
+    metric), three passes over a batch (B, n, p): Gram GᵀX; momentum on ξ = rgrad(X, G) with the
+    Grams YᵀY, YᵀM of Y = X − lr·D; X⁺ = Y·K (K from :func:`~stiefel_opt.functional.polar_coefficients`)
+    and buf ← P_{X⁺}(buf). Returns (X⁺, buf) as the reference. Other retractions, or more than
+    :data:`MAX_FUSED_P` columns, run the torch reference.
+    """
+    from . import _steps
+
+    (x3, g3), tall3, out = _tall_batch("riemannian_sgd_update", x, g, *(() if buf is None else (buf,)))
+    if not _fused_polar(retraction, metric, x3.shape[-1]):
+        return F.riemannian_sgd_update(x, g, buf, lr=lr, momentum=momentum, dampening=dampening,
+                                       nesterov=nesterov, retraction=retraction, metric=metric)
+    core = _load()
+    copy_back: list = []
+    first = buf is None
+    m3, buf = _momentum_buffer(buf, momentum, x, tall3, copy_back)
+    _, gtx = core.gram(x3, g3, core.MODE_X_G)
+    c2 = _rgrad_coefficient(gtx, metric)
+    sgd = dict(momentum=momentum, nesterov=nesterov, lr=lr)
+    yy, ym = _steps.pass_b(_steps.RIEMANNIAN_SGD, g3, x3, None, c2, m3, dampening=dampening, first=first, **sgd)
+    k = F.polar_coefficients(yy)
+    plan = (k, _transport_coefficient(k, ym) if m3 is not None else k)
+    _steps.pass_c(_steps.RIEMANNIAN_SGD, g3, x3, None, c2, m3, None, plan, tall3(out), **sgd)
+    _write_back(copy_back)
+    return out, buf
+
+
+def _combo_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb: Tensor) -> Tensor:
+    """(A·C_A + B·C_B)ᵀ(A·C_A + B·C_B) from the Grams AᵀA, BᵀA, BᵀB."""
+    cross = c_b.mT @ ba @ c_a
+    return c_a.mT @ aa @ c_a + cross + cross.mT + c_b.mT @ bb @ c_b
+
+
+def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                           max_exp_avg_sq: Tensor | None = None, *, step: int, lr: float,
+                           beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                           retraction: str = "polar", metric: str = "euclidean",
+                           scalar_v: bool = False) -> Tensor:
+    """Fused :func:`stiefel_opt.functional.riemannian_adam_update` for ``retraction="polar"`` (either
+    metric; moments updated in place, X⁺ returned), three passes over a batch (B, n, p): Gram GᵀX;
+    moments of ξ = rgrad(X, G) with the Grams DᵀX, DᵀD, MᵀX, MᵀD; then, with
+    Y = X − lr·P_X(D) = X·(I + lr·sym(XᵀD)) − lr·D and X⁺ = Y·K (YᵀY and K in p×p), X⁺ and
+    m ← P_{X⁺}(m) written from X and D. ``scalar_v=True``, other retractions, or more than
+    :data:`MAX_FUSED_P` columns run the torch reference.
+    """
+    from . import _steps
+
+    (x3, g3), tall3, out = _tall_batch("riemannian_adam_update", x, g,
+                                       *_matrix_state(exp_avg, exp_avg_sq, max_exp_avg_sq, scalar_v))
+    if scalar_v or not _fused_polar(retraction, metric, x3.shape[-1]):
+        return F.riemannian_adam_update(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
+                                        beta1=beta1, beta2=beta2, eps=eps, retraction=retraction,
+                                        metric=metric, scalar_v=scalar_v)
+    core = _load()
+    copy_back: list = []
+    m3 = _state_view(exp_avg, tall3, copy_back)
+    v3 = _state_view(exp_avg_sq, tall3, copy_back)
+    w3 = None if max_exp_avg_sq is None else _state_view(max_exp_avg_sq, tall3, copy_back)
+    xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
+    c2 = _rgrad_coefficient(gtx, metric)
+    bc = _adam_bias(step, beta1, beta2, eps)
+    dtx, dd, mtx, mtd = _steps.pass_b(_steps.RIEMANNIAN_ADAM, g3, x3, None, c2, m3, v3, w3,
+                                      beta1=beta1, beta2=beta2, **bc)
+    eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
+    b_x, b_d = eye + lr * F.sym(dtx), -lr * eye  # Y = X·B_X + D·B_D
+    k = F.polar_coefficients(_combo_gram(b_x, b_d, xtx, dtx, dd))
+    j = _transport_coefficient(k, b_x.mT @ mtx.mT + b_d.mT @ mtd.mT)  # from YᵀM
+    plan = (b_x @ k, b_d @ k, -b_x @ j, -b_d @ j)  # X⁺ = Y·K, P_{X⁺}(M) = M − Y·J
+    _steps.pass_c(_steps.RIEMANNIAN_ADAM, g3, x3, None, c2, m3, v3 if w3 is None else w3, plan,
+                  tall3(out), **bc)
     _write_back(copy_back)
     return out
 
@@ -255,5 +410,8 @@ def auto_dispatch(torch_fn: Callable, triton_fn: Callable) -> Callable:
 #: step name → fused batched step function with the contract of its ``stiefel_opt.functional``
 #: twin; the optimizers dispatch to these for ``backend="triton"`` (and "auto" on CUDA).
 FUSED_STEPS: dict[str, Callable] = {
+    "riemannian_sgd": riemannian_sgd_update,
+    "riemannian_adam": riemannian_adam_update,
+    "landing_sgd": landing_sgd_update,
     "landing_adam": landing_adam_update,
 }

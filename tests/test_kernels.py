@@ -4,6 +4,7 @@ The kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 is set here, at 
 the kernel module is first loaded (it stays set for this test process: the interpreter reads it
 at every launch). Shapes are small and examples few — the interpreter is slow.
 """
+import contextlib
 import importlib
 import os
 import subprocess
@@ -22,10 +23,13 @@ from stiefel_opt import functional as F  # noqa: E402
 pytest.importorskip("triton")
 K = importlib.import_module("stiefel_opt.kernels")
 _core = importlib.import_module("stiefel_opt.kernels._core")
+_steps = importlib.import_module("stiefel_opt.kernels._steps")
 if not _core.INTERPRETED:  # loaded earlier in this process without the interpreter: rebuild
     _core = importlib.reload(_core)
+    _steps = importlib.reload(_steps)
 
 FEW = settings(max_examples=6)
+STEPS = settings(max_examples=12)  # the step tests: many flags, each example fast
 FP32 = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -40,10 +44,31 @@ def shapes(draw, max_n=40, max_p=20):
     return (*batch, n, p)
 
 
-def _point_and_direction(shape, dtype, off=0.05):
-    x = F.random_point(*shape) + off * torch.randn(shape)
+def _point_and_direction(shape, dtype, off=0.2):
+    """A point at Frobenius distance ``off`` from a Haar point (so ‖XᵀX − I‖_F ≤ 2·off + off² < ε
+    for the default: the safe step works inside its region) and a Gaussian direction."""
+    x = F.random_point(*shape)
+    if off:
+        n = torch.randn(shape)
+        x = x + off * n / torch.linalg.matrix_norm(n)[..., None, None]
     g = torch.randn(shape)
     return x.to(dtype), g.to(dtype)
+
+
+def _unit_spectral(a):
+    """a scaled to spectral norm 1, matrix by matrix."""
+    return a / torch.linalg.matrix_norm(a, ord=2)[..., None, None]
+
+
+@contextlib.contextmanager
+def _tiles(small: bool):
+    """small: 16-row tiles and up to 3 row splits per matrix in the step kernels, so that passes B
+    and C span several ragged row tiles (the default tiles hold these small matrices whole)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if small:
+            mp.setattr(_steps, "block_n", lambda n: 16)
+            mp.setattr(_steps, "_splits", lambda batch, n, bn, tiles, split: min(3, -(-n // bn)))
+        yield
 
 
 def _close(actual, expected, dtype):
@@ -72,8 +97,7 @@ def test_retract_polar_matches_reference(shape, bf16):
     be near-singular, and there the fp32 polar factor itself is ill-determined."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     x, v = _point_and_direction(shape, dtype, off=0.0)
-    v = v.float()
-    v = (0.5 * v / torch.linalg.matrix_norm(v, ord=2)[..., None, None]).to(dtype)
+    v = (0.5 * _unit_spectral(v.float())).to(dtype)
     y = K.retract_polar(x, v)
     _close(y, F.retract_polar(x, v), dtype)
     if not bf16:
@@ -104,10 +128,28 @@ def test_gram_and_apply_tiles(b, n, p, split, mode):
 
 
 
-@FEW
+def _check_state(state, ref_state):
+    """Optimizer state updated in place exactly as the reference's (fp32 1e-5)."""
+    for t, r in zip(state, ref_state):
+        assert (t is None) == (r is None)
+        if t is not None:
+            torch.testing.assert_close(t, r, **FP32)
+
+
+def _check_buffer(new, ref_new, given):
+    """The returned momentum buffer: None without momentum, the given tensor updated in place, or a
+    new one (fp32, the point's shape) on the first step; equal to the reference's."""
+    assert (new is None) == (ref_new is None)
+    if given is not None:
+        assert new is given
+    if new is not None:
+        torch.testing.assert_close(new, ref_new, **FP32)
+
+
+@STEPS
 @given(shape=shapes(max_n=30, max_p=12), lr=st.sampled_from([0.05, 5.0]), amsgrad=st.booleans(),
-       bf16=st.booleans())
-def test_landing_adam_step_matches_reference(shape, lr, amsgrad, bf16):
+       bf16=st.booleans(), small=st.booleans())
+def test_landing_adam_step_matches_reference(shape, lr, amsgrad, bf16, small):
     """lr = 5 makes the safe step (computed from Gram blocks in the kernel) decide η. bf16 X and
     G with fp32 moments: the kernel's fp32 math equals the reference run on the fp32 values."""
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -115,12 +157,138 @@ def test_landing_adam_step_matches_reference(shape, lr, amsgrad, bf16):
     state = [0.1 * torch.randn(shape), 0.1 * torch.rand(shape)] + ([0.2 * torch.rand(shape)] if amsgrad else [None])
     ref_state = [None if t is None else t.clone() for t in state]
     kw = dict(step=3, lr=lr, lam=0.7, beta1=0.8, beta2=0.95, eps=1e-6)
-    out = K.landing_adam_update(x, g, *state, **kw)
+    with _tiles(small):
+        out = K.landing_adam_update(x, g, *state, **kw)
     ref = F.landing_adam_update(x.float(), g.float(), *ref_state, **kw)
     _close(out, ref.to(dtype), dtype)
-    for t, r in zip(state, ref_state):
-        if t is not None:
-            torch.testing.assert_close(t, r, **FP32)
+    _check_state(state, ref_state)
+
+
+# SGD momentum modes: (momentum, nesterov, a buffer from earlier steps is given)
+SGD_MODES = {
+    "plain": (0.0, False, False),
+    "first": (0.9, False, False),
+    "momentum": (0.9, False, True),
+    "nesterov-first": (0.9, True, False),
+    "nesterov": (0.9, True, True),
+}
+
+
+@STEPS
+@given(shape=shapes(), lr=st.sampled_from([0.05, 5.0]), mode=st.sampled_from(sorted(SGD_MODES)),
+       dampening=st.sampled_from([0.0, 0.3]), bf16=st.booleans(), small=st.booleans())
+def test_landing_sgd_step_matches_reference(shape, lr, mode, dampening, bf16, small):
+    """Λ = T + R(D − T) + λX(XᵀX − I) with torch's momentum on T; lr = 5 lets the safe step decide."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, g = _point_and_direction(shape, dtype)
+    momentum, nesterov, given = SGD_MODES[mode]
+    buf = 0.3 * torch.randn(shape) if given else None
+    ref_buf = None if buf is None else buf.clone()
+    kw = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, lam=0.7)
+    with _tiles(small):
+        out, new_buf = K.landing_sgd_update(x, g, buf, **kw)
+    ref, ref_new = F.landing_sgd_update(x.float(), g.float(), ref_buf, **kw)
+    _close(out, ref.to(dtype), dtype)
+    _check_buffer(new_buf, ref_new, buf)
+
+
+@STEPS
+@given(shape=shapes(), mode=st.sampled_from(sorted(SGD_MODES)), dampening=st.sampled_from([0.0, 0.3]),
+       metric=st.sampled_from(F.METRICS), bf16=st.booleans(), small=st.booleans())
+def test_riemannian_sgd_polar_step_matches_reference(shape, mode, dampening, metric, bf16, small):
+    """‖G‖₂ = ‖buf‖₂ = 1 give ‖rgrad‖₂ ≤ 2 and ‖D‖₂ ≤ 2 + 0.9·(0.9 + 2) < 5, so lr = 0.1 keeps
+    ‖lr·D‖₂ < 1/2 and X − lr·D well conditioned (see test_retract_polar_matches_reference)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, g = _point_and_direction(shape, dtype, off=0.0)
+    g = _unit_spectral(g.float()).to(dtype)
+    momentum, nesterov, given = SGD_MODES[mode]
+    buf = _unit_spectral(torch.randn(shape)) if given else None
+    ref_buf = None if buf is None else buf.clone()
+    kw = dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov, retraction="polar",
+              metric=metric)
+    with _tiles(small):
+        out, new_buf = K.riemannian_sgd_update(x, g, buf, **kw)
+    ref, ref_new = F.riemannian_sgd_update(x.float(), g.float(), ref_buf, **kw)
+    _close(out, ref.to(dtype), dtype)
+    _check_buffer(new_buf, ref_new, buf)
+    if not bf16:
+        assert float(F.distance(out).max()) < 1e-5
+
+
+@STEPS
+@given(shape=shapes(), amsgrad=st.booleans(), metric=st.sampled_from(F.METRICS), bf16=st.booleans(),
+       small=st.booleans())
+def test_riemannian_adam_polar_step_matches_reference(shape, amsgrad, metric, bf16, small):
+    """v ≥ m² entrywise, β = (0.8, 0.95), step 3: |m'| ≤ 0.9·√v' after the update (Cauchy–Schwarz),
+    so |D| ≤ 0.7 entrywise and lr = 0.3/√(np) keeps ‖lr·P_X(D)‖₂ < 1/2: X − lr·P_X(D) stays well
+    conditioned."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, g = _point_and_direction(shape, dtype, off=0.0)
+    m = 0.1 * torch.randn(shape)
+    v = m * m + 0.1 * torch.rand(shape)
+    state = [m, v, v + 0.1 * torch.rand(shape) if amsgrad else None]
+    ref_state = [None if t is None else t.clone() for t in state]
+    kw = dict(step=3, lr=0.3 / (shape[-1] * shape[-2]) ** 0.5, beta1=0.8, beta2=0.95, eps=1e-6,
+              retraction="polar", metric=metric)
+    with _tiles(small):
+        out = K.riemannian_adam_update(x, g, *state, **kw)
+    ref = F.riemannian_adam_update(x.float(), g.float(), *ref_state, **kw)
+    _close(out, ref.to(dtype), dtype)
+    _check_state(state, ref_state)
+    if not bf16:
+        assert float(F.distance(out).max()) < 1e-5
+
+
+def test_steps_without_a_fused_form_run_the_reference():
+    """Other retractions and the scalar second moment run the torch function (equal to the bit)."""
+    x, g = _point_and_direction((2, 9, 3), torch.float32, off=0.0)
+    g = 0.1 * g
+    for retraction in ("qr", "cayley", "newton_schulz"):
+        out, buf = K.riemannian_sgd_update(x, g, None, lr=0.1, momentum=0.9, retraction=retraction)
+        ref, ref_buf = F.riemannian_sgd_update(x, g, None, lr=0.1, momentum=0.9, retraction=retraction)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close(buf, ref_buf, rtol=0, atol=0)
+    for fn, kw in ((K.riemannian_adam_update, dict(retraction="qr")),
+                   (K.riemannian_adam_update, dict(scalar_v=True)),
+                   (K.landing_adam_update, dict(scalar_v=True))):
+        state = [0.1 * torch.randn(2, 9, 3), torch.rand(2, 1, 1) if kw.get("scalar_v") else torch.rand(2, 9, 3)]
+        ref_state = [t.clone() for t in state]
+        out = fn(x, g, *state, step=2, lr=0.01, **kw)
+        ref = getattr(F, fn.__name__)(x, g, *ref_state, step=2, lr=0.01, **kw)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        for t, r in zip(state, ref_state):
+            torch.testing.assert_close(t, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_steps_update_state_in_place_through_a_copy_when_not_viewable(wide):
+    """State whose batch dims cannot be merged into one (B, n, p) view (batch dims swapped in
+    memory) is updated in place through a copy written back."""
+    shape = (2, 2, 4, 9) if wide else (2, 2, 9, 4)
+
+    def strided(t):
+        out = t.transpose(0, 1).contiguous().transpose(0, 1)
+        assert out.flatten(0, 1).data_ptr() != out.data_ptr()  # reshape copies: the copy-back path
+        return out
+
+    x, g = _point_and_direction(shape, torch.float32, off=0.0)
+    g = 0.1 * g
+    sgd = dict(lr=0.05, momentum=0.9, dampening=0.1)
+    for fn, kw in ((K.landing_sgd_update, sgd), (K.riemannian_sgd_update, sgd)):
+        buf = strided(0.1 * torch.randn(shape))
+        ref_buf = buf.clone()
+        out, new = fn(x, g, buf, **kw)
+        ref, _ = getattr(F, fn.__name__)(x, g, ref_buf, **kw)
+        torch.testing.assert_close(out, ref, **FP32)
+        assert new is buf
+        torch.testing.assert_close(buf, ref_buf, **FP32)
+    adam = dict(step=2, lr=0.01, beta1=0.8, beta2=0.95)
+    for fn in (K.landing_adam_update, K.riemannian_adam_update):
+        state = [strided(0.1 * torch.randn(shape)), strided(torch.rand(shape)), strided(torch.rand(shape))]
+        ref_state = [t.clone() for t in state]
+        out = fn(x, g, *state, **adam)
+        torch.testing.assert_close(out, getattr(F, fn.__name__)(x, g, *ref_state, **adam), **FP32)
+        _check_state(state, ref_state)
 
 
 def test_resolve_backend_auto_is_torch_on_cpu():
@@ -212,6 +380,10 @@ def _brockett_run(opt_cls, backend, steps=20, **kw):
     [
         ("LandingAdam", dict(lr=0.05, lam=1.0)),
         ("LandingAdam", dict(lr=0.05, lam=0.5, amsgrad=True)),
+        ("LandingSGD", dict(lr=0.003, momentum=0.9, dampening=0.1)),
+        ("LandingSGD", dict(lr=0.003, momentum=0.9, nesterov=True, lam=0.5)),
+        ("RiemannianSGD", dict(lr=0.002, momentum=0.9, nesterov=True, retraction="polar")),
+        ("RiemannianAdam", dict(lr=0.05, retraction="polar")),
     ],
 )
 def test_optimizer_triton_matches_torch_for_20_steps(opt_name, kw):
@@ -226,15 +398,22 @@ def test_optimizer_triton_matches_torch_for_20_steps(opt_name, kw):
         assert torch.isfinite(f).all() and float(F.distance(f).max()) < 1.0
 
 
-def test_optimizer_auto_uses_torch_on_cpu(monkeypatch):
+@pytest.mark.parametrize(
+    "opt_name, step_name",
+    [("LandingAdam", "landing_adam"), ("LandingSGD", "landing_sgd"), ("RiemannianSGD", "riemannian_sgd"),
+     ("RiemannianAdam", "riemannian_adam")],
+)
+def test_optimizer_auto_uses_torch_on_cpu(monkeypatch, opt_name, step_name):
     """backend='auto' on CPU tensors never calls a kernel, even in interpreter mode."""
     import stiefel_opt.optim as optim
 
     def boom(*args, **kwargs):
         raise AssertionError("a Triton kernel ran for backend='auto' on CPU")
 
-    monkeypatch.setitem(optim.STEP_FUNCTIONS["triton"], "landing_adam", boom)
-    ref = _brockett_run(optim.LandingAdam, "torch", steps=3, lr=0.05)
-    auto = _brockett_run(optim.LandingAdam, "auto", steps=3, lr=0.05)
+    assert optim.STEP_FUNCTIONS["triton"][step_name] is getattr(K, f"{step_name}_update")
+    monkeypatch.setitem(optim.STEP_FUNCTIONS["triton"], step_name, boom)
+    cls = getattr(optim, opt_name)
+    ref = _brockett_run(cls, "torch", steps=3, lr=0.001)
+    auto = _brockett_run(cls, "auto", steps=3, lr=0.001)
     for r, a in zip(ref, auto):
         torch.testing.assert_close(a, r, rtol=0, atol=0)
