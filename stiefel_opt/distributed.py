@@ -125,11 +125,8 @@ def row_sharded(rows: int, group=None) -> Iterator[None]:
     products (:func:`~stiefel_opt.functional.gram`), Frobenius norms and means are all-reduced
     (SUM) over the group, and no matrix is transposed as "wide" (a local block may have fewer
     rows than columns). Every rank of the group must run the same calls."""
-    token = F._ROW_REDUCE.set(_RowSum(group, rows))
-    try:
+    with F._row_reduction(_RowSum(group, rows)):
         yield
-    finally:
-        F._ROW_REDUCE.reset(token)
 
 
 # --- shard layouts of DTensor parameters ----------------------------------------------------------

@@ -14,6 +14,7 @@ adapters call it.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 
@@ -79,11 +80,41 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _ROW_REDUCE: contextvars.ContextVar = contextvars.ContextVar("stiefel_opt_row_reduce", default=None)
 
 
+_ROW_REDUCE_DEPTH = 0  # active row-sharded reductions in this process: what torch.compile reads
+
+
+@contextlib.contextmanager
+def _row_reduction(reduce):
+    """Make ``reduce`` the active row-sharded reduction inside the block."""
+    global _ROW_REDUCE_DEPTH
+    token = _ROW_REDUCE.set(reduce)
+    _ROW_REDUCE_DEPTH += 1
+    try:
+        yield
+    finally:
+        _ROW_REDUCE_DEPTH -= 1
+        _ROW_REDUCE.reset(token)
+
+
+def _row_reduce():
+    """The active row-sharded reduction, else None. torch.compile cannot trace a ContextVar: a
+    compiled call reads the process-wide depth instead (guarded, so a change recompiles) and
+    refuses to run sharded."""
+    if torch.compiler.is_compiling():
+        if _ROW_REDUCE_DEPTH:
+            raise NotImplementedError(
+                "row-sharded (FSDP2) Stiefel steps do not run inside torch.compile: compile the "
+                "forward and backward, and call optimizer.step() outside the compiled region"
+            )
+        return None
+    return _ROW_REDUCE.get()
+
+
 def is_wide(x: Tensor) -> bool:
     """True when the matrix has fewer rows than columns (orthonormal rows are meant).
 
     Always False inside a row-sharded reduction: the local row block of a tall matrix may be wide."""
-    return x.shape[-2] < x.shape[-1] and _ROW_REDUCE.get() is None
+    return x.shape[-2] < x.shape[-1] and _row_reduce() is None
 
 
 def gram(a: Tensor, b: Tensor) -> Tensor:
@@ -92,13 +123,13 @@ def gram(a: Tensor, b: Tensor) -> Tensor:
     Inside a row-sharded reduction (:mod:`stiefel_opt.distributed`) A and B are local row blocks
     and the result is Σ_shards A_kᵀB_k, one all-reduce of the p×q matrix."""
     out = a.transpose(-1, -2) @ b
-    red = _ROW_REDUCE.get()
+    red = _row_reduce()
     return out if red is None else red.sum(out)
 
 
 def _frobenius(a: Tensor) -> Tensor:
     """‖A‖_F per matrix; under a row-sharded reduction √(Σ_shards ‖A_k‖²_F) (one value per matrix)."""
-    red = _ROW_REDUCE.get()
+    red = _row_reduce()
     if red is None:
         return torch.linalg.matrix_norm(a)
     return red.sum(a.square().sum(dim=(-2, -1))).sqrt()
@@ -106,7 +137,7 @@ def _frobenius(a: Tensor) -> Tensor:
 
 def _mean_square(a: Tensor) -> Tensor:
     """mean(A²) per matrix, shape (…, 1, 1); under a row-sharded reduction over all rows of all shards."""
-    red = _ROW_REDUCE.get()
+    red = _row_reduce()
     if red is None:
         return (a * a).mean(dim=(-2, -1), keepdim=True)
     return red.sum(a.square().sum(dim=(-2, -1), keepdim=True)) / (red.rows * a.shape[-1])
@@ -255,7 +286,7 @@ def _sign_fixed_qr(y: Tensor) -> Tensor:
 @_tall(2)
 def retract_qr(x: Tensor, v: Tensor) -> Tensor:
     """QR retraction: the Q factor of X + V with diag(R) > 0 (row-sharded: :func:`cholesky_qr`)."""
-    if _ROW_REDUCE.get() is not None:
+    if _row_reduce() is not None:
         return cholesky_qr(x + v)
     return _sign_fixed_qr(x + v)
 
@@ -292,7 +323,7 @@ def _retract_exp_euclidean(x: Tensor, v: Tensor) -> Tensor:
 
 @_tall(2)
 def _retract_exp_canonical(x: Tensor, v: Tensor) -> Tensor:
-    if _ROW_REDUCE.get() is not None:
+    if _row_reduce() is not None:
         raise ValueError(
             "retract_exp: the canonical-metric geodesic needs a QR of the whole (I − XXᵀ)V and cannot "
             "run on row shards; use retraction 'polar', 'newton_schulz', 'qr', 'cayley' or metric='euclidean'"
@@ -501,11 +532,14 @@ def rite_basis(y: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor]:
     numerically lower rank (e.g. B after one step on a gradient of rank < r) gets no rounding
     noise amplified along its null directions. R⁻¹ comes from a triangular solve when
     ‖R‖_F‖R⁻¹‖_F < 1/rtol certifies the conditioning (one host sync), else from an SVD.
-    Low precision is computed in fp32.
+    Low precision is computed in fp32. Row-sharded (:mod:`stiefel_opt.distributed`), the basis
+    comes from p×p Grams alone: :func:`_rite_basis_gram`.
     """
     y = y.to(_compute_dtype(y.dtype))
     if rtol is None:
         rtol = torch.finfo(y.dtype).eps ** 0.5
+    if _ROW_REDUCE.get() is not None:
+        return _rite_basis_gram(y, rtol)
     u, r = torch.linalg.qr(y)
     eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
     r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
@@ -515,14 +549,37 @@ def rite_basis(y: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor]:
     return u, torch.linalg.pinv(r, rtol=rtol)
 
 
+def _rite_basis_gram(y: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
+    """(U, R⁺) with Y = U R from Grams of Y only, for row shards (two all-reduces of r×r).
+
+    Pass 1: YᵀY = Q Λ Qᵀ, σ = √λ; R₁⁺ = Q Σ⁺ drops the directions with σ ≤ rtol·σ_max, and
+    U₁ = Y R₁⁺ has exactly zero columns there. Pass 2 (as in CholeskyQR2) removes the κ²ε loss of
+    orthogonality of pass 1: R₂ = chol(U₁ᵀU₁ + D)ᵀ with D = 1 on the dropped columns (which stay
+    zero), U = U₁ R₂⁻¹, R⁺ = R₁⁺ R₂⁻¹. A basis of the same column space as :func:`rite_basis`'s
+    Householder U (both give the same LoRA-RITE step: it depends on U only through that space).
+    A matrix whose pass-2 Cholesky fails (σ_min near the cut) keeps its pass-1 result.
+    """
+    lam, q = torch.linalg.eigh(gram(y, y))
+    sigma = lam.clamp_min(0.0).sqrt()
+    keep = sigma > rtol * sigma.amax(dim=-1, keepdim=True)
+    r1_pinv = q * torch.where(keep, 1.0 / torch.where(keep, sigma, 1.0), 0.0).unsqueeze(-2)
+    u1 = y @ r1_pinv
+    g2 = gram(u1, u1) + torch.diag_embed((~keep).to(y.dtype))
+    r2, info = torch.linalg.cholesky_ex(g2, upper=True)
+    ok = (info == 0)[..., None, None]
+    eye = torch.eye(r2.shape[-1], dtype=r2.dtype, device=r2.device).expand_as(r2)
+    r2_inv = torch.where(ok, torch.linalg.solve_triangular(torch.where(ok, r2, eye), eye, upper=True), eye)
+    return u1 @ r2_inv, r1_pinv @ r2_inv
+
+
 def rite_unmagnified_gram(grad_x: Tensor, r_pinv_y: Tensor) -> Tensor:
     """ḡᵀḡ = R⁺ᵀ (∇_Xᵀ ∇_X) R⁺ (r×r), the Gram matrix of the unmagnified gradient ḡ = ∇_X R⁺.
 
     It is invariant under Y → Y S (S invertible) up to the rotation of the basis U. Non-finite
     entries of ∇_X show up on its diagonal.
     """
-    gram = sym(grad_x.transpose(-1, -2) @ grad_x)
-    return sym(r_pinv_y.transpose(-1, -2) @ gram @ r_pinv_y)
+    gg = sym(gram(grad_x, grad_x))
+    return sym(r_pinv_y.transpose(-1, -2) @ gg @ r_pinv_y)
 
 
 def rite_transport(u_new: Tensor, u_old: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -531,7 +588,7 @@ def rite_transport(u_new: Tensor, u_old: Tensor, v: Tensor) -> tuple[Tensor, Ten
     A statistic V (r×r) expressed in the old basis is expressed in the new one; a first moment M
     (n×r) moves as M Pᵀ (see :func:`rite_first_moment`). U_old = 0 (no history) gives P = 0.
     """
-    p = u_new.transpose(-1, -2) @ u_old
+    p = gram(u_new, u_old)
     return p, sym(p @ v @ p.transpose(-1, -2))
 
 
@@ -609,29 +666,21 @@ def _tangent_and_gram(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return xg @ torch.cat([-0.5 * xtg.transpose(-1, -2), 0.5 * xtx], dim=-2), xtx
 
 
-def _with_x(x: Tensor) -> Tensor:
-    """A new [X U] buffer holding X, its right half U left for the caller to write."""
-    xu = x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
-    xu[..., : x.shape[-1]] = x
-    return xu
+def _land(x: Tensor, u: Tensor, xtx: Tensor, scale: float, *, lr: float, lam: float,
+          safe_eps: float) -> Tensor:
+    """X⁺ = X − ηΛ for Λ = R(sU) + λX(XᵀX − I), R(V) = ½(V·XᵀX − X·VᵀX), s = ``scale``.
 
-
-def _land(xu: Tensor, xtx: Tensor, scale: float, *, lr: float, lam: float, safe_eps: float) -> Tensor:
-    """X⁺ = X − ηΛ for Λ = R(sU) + λX(XᵀX − I), R(V) = ½(V·XᵀX − X·VᵀX), [X U] = ``xu``, s = ``scale``.
-
-    Λ = (sU)·C_U + X·C_X (:func:`landing_coefficients`); ‖Λ‖_F from the Gram Uᵀ[X U]
+    Λ = (sU)·C_U + X·C_X (:func:`landing_coefficients`); ‖Λ‖_F from the Grams UᵀX, UᵀU
     (:func:`frobenius_from_gram`); the per-matrix η = min(lr, η*(‖XᵀX − I‖_F, ‖Λ‖_F))
-    (:func:`safe_step`); X⁺ = [X U]·[I − ηC_X ; −ηsC_U], one product. O(np²), two passes over [X U].
+    (:func:`safe_step`); X⁺ = X(I − ηC_X) − U(ηsC_U). O(np²): Λ is never formed.
     ⟨R(V), X(XᵀX − I)⟩ = 0 for any V, which keeps the safe-step bound valid."""
-    p = xtx.shape[-1]
-    s = gram(xu[..., p:], xu)
-    utx = scale * s[..., :p]
+    utx = scale * gram(u, x)
     c_u, c_x = landing_coefficients(xtx, utx, lam)
     eye = _eye_like(xtx)
     dist = torch.linalg.matrix_norm(xtx - eye)
-    a = frobenius_from_gram(c_u, c_x, (scale * scale) * s[..., p:], utx.transpose(-1, -2), xtx)
+    a = frobenius_from_gram(c_u, c_x, (scale * scale) * gram(u, u), utx.transpose(-1, -2), xtx)
     eta = safe_step(dist, a, lam, safe_eps).clamp_max(lr)[..., None, None]
-    return xu @ torch.cat([eye - eta * c_x, (-scale) * eta * c_u], dim=-2)
+    return (x @ (eye - eta * c_x)).sub_(u @ ((scale * eta) * c_u))
 
 
 @_tall(2)
@@ -641,11 +690,9 @@ def relative_tangent(x: Tensor, g: Tensor) -> Tensor:
 
 
 def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, t: Tensor,
-                    step: int, beta1: float, beta2: float, eps: float, scalar_v: bool,
-                    out: Tensor | None = None) -> tuple[Tensor, float]:
+                    step: int, beta1: float, beta2: float, eps: float, scalar_v: bool) -> tuple[Tensor, float]:
     """Update the moments in place with t and return (D', s) with s·D' = (m/bc1) / (√v̂/√bc2 + eps):
-    D' = m / (√v̂ + eps·√bc2) (written to ``out`` when given; t is then used as scratch) and
-    s = √bc2/bc1, a scalar the caller folds into its p×p coefficients.
+    D' = m / (√v̂ + eps·√bc2) and s = √bc2/bc1, a scalar the caller folds into its p×p coefficients.
 
     scalar_v: v is one value per matrix (shape (…, 1, 1)), the EMA of mean(t²)."""
     exp_avg.lerp_(t, 1.0 - beta1)
@@ -658,8 +705,7 @@ def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor 
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         v = max_exp_avg_sq
     bc2_sqrt = (1.0 - beta2**step) ** 0.5
-    denom = torch.sqrt(v, out=t if out is not None and not scalar_v else None).add_(eps * bc2_sqrt)
-    return torch.div(exp_avg, denom, out=out), bc2_sqrt / (1.0 - beta1**step)
+    return exp_avg / v.sqrt().add_(eps * bc2_sqrt), bc2_sqrt / (1.0 - beta1**step)
 
 
 def _momentum(t: Tensor, buf: Tensor | None, momentum: float, dampening: float,
@@ -724,13 +770,9 @@ def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, m
     wide, (x, g, buf_t) = _tall_all(x, g, buf)
     t, xtx = _tangent_and_gram(x, g)
     d, buf_t = _momentum(t, buf_t, momentum, dampening, nesterov)
-    xu = _with_x(x)
-    u = xu[..., x.shape[-1]:]
-    if momentum:  # Λ = R(G) + R(D − T) + λX(XᵀX − I) = R(G + D − T) + λX(XᵀX − I): R is linear
-        torch.sub(d, t, out=u).add_(g)
-    else:
-        u.copy_(g)
-    x_new = _land(xu, xtx, 1.0, lr=lr, lam=lam, safe_eps=safe_eps)
+    # Λ = R(G) + R(D − T) + λX(XᵀX − I) = R(G + D − T) + λX(XᵀX − I): R is linear
+    u = (d - t).add_(g) if momentum else g
+    x_new = _land(x, u, xtx, 1.0, lr=lr, lam=lam, safe_eps=safe_eps)
     if wide:
         return _mT(x_new), _mT(buf_t)
     return x_new, buf_t
@@ -748,8 +790,6 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     η = min(lr, η*) of :func:`safe_step`. O(np²)."""
     wide, (x, g, exp_avg, exp_avg_sq, max_exp_avg_sq) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq)
     t, xtx = _tangent_and_gram(x, g)
-    xu = _with_x(x)
-    _, scale = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, t, step, beta1, beta2, eps, scalar_v,
-                               out=xu[..., x.shape[-1]:])
-    x_new = _land(xu, xtx, scale, lr=lr, lam=lam, safe_eps=safe_eps)
+    d, scale = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, t, step, beta1, beta2, eps, scalar_v)
+    x_new = _land(x, d, xtx, scale, lr=lr, lam=lam, safe_eps=safe_eps)
     return _mT(x_new) if wide else x_new

@@ -460,8 +460,7 @@ class AdamFamily(StiefelOptimizer):
 
     def _adam_kwargs(self, group: dict, b: _Bucket) -> dict:
         step = self._bucket_tag(group, b.states[0]) + 1
-        for s in b.states:
-            s["step"] += 1
+        torch._foreach_add_([s["step"] for s in b.states], 1.0)
         beta1, beta2 = group["betas"]
         return {"step": step, "lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2),
                 "eps": group["eps"], "scalar_v": group["second_moment"] == "scalar"}
