@@ -153,6 +153,30 @@ def _describe(optimizer, group: dict, p: Tensor) -> str:
     return f"{type(optimizer).__name__}: parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
 
 
+def _split(p: Tensor, describe: Callable[[], str]) -> tuple[Tensor, Tensor | None, tuple[int, int] | None]:
+    """(local shard, local gradient, (mesh dim, tensor dim) of the split or None) of a DTensor.
+
+    A gradient whose placements differ from the parameter's is first redistributed to them (and
+    stored back as ``p.grad``, so writes into the local gradient reach it)."""
+    grad = p.grad
+    if grad is not None and grad.placements != p.placements:
+        grad = p.grad = grad.redistribute(p.device_mesh, p.placements)
+    shards = [(i, pl.dim % p.dim()) for i, pl in enumerate(p.placements) if pl.is_shard()]
+    bad = [pl for pl in p.placements if not (pl.is_shard() or pl.is_replicate())]
+    if bad or len(shards) > 1:
+        raise ValueError(
+            f"{describe()} has placements {p.placements}: it must be sharded on at most one mesh dim "
+            "(the rest Replicate), e.g. fully_shard's Shard(0)"
+        )
+    return p.to_local(), None if grad is None else grad.to_local(), shards[0] if shards else None
+
+
+def _layout(p: Tensor, mode: str, mesh_dim: int, axis: int, gshape: tuple) -> _Layout:
+    pg = p.device_mesh.get_group(mesh_dim)
+    return _Layout(mode, axis, gshape[axis], gshape, pg, tuple(dist.get_process_group_ranks(pg)),
+                   dist.get_world_size(pg), dist.get_rank(pg))
+
+
 def local_parts(p: Tensor, manifold: Stiefel, optimizer, group: dict,
                 retraction: str | None) -> tuple[Tensor, Tensor, _Layout | None]:
     """(local parameter, local gradient, layout or None) for the optimizers' buckets.
@@ -163,21 +187,10 @@ def local_parts(p: Tensor, manifold: Stiefel, optimizer, group: dict,
 
     if not isinstance(p, DTensor):
         return p, p.grad, None
-    grad = p.grad
-    if grad.placements != p.placements:
-        grad = grad.redistribute(p.device_mesh, p.placements)
-    shards = [(i, pl.dim) for i, pl in enumerate(p.placements) if pl.is_shard()]
-    bad = [pl for pl in p.placements if not (pl.is_shard() or pl.is_replicate())]
-    if bad or len(shards) > 1:
-        raise ValueError(
-            f"{_describe(optimizer, group, p)} has placements {p.placements}: Stiefel parameters must be "
-            "sharded on at most one mesh dim (the rest Replicate), e.g. fully_shard's Shard(0)"
-        )
-    local, local_grad = p.to_local(), grad.to_local()
-    if not shards:
+    local, local_grad, split = _split(p, lambda: _describe(optimizer, group, p))
+    if split is None:
         return local, local_grad, None
-    mesh_dim, dim = shards[0]
-    dim %= p.dim()
+    mesh_dim, dim = split
     lead = p.dim() - manifold.ndim
     if dim < lead:  # whole matrices on every rank
         return local, local_grad, None
@@ -190,7 +203,6 @@ def local_parts(p: Tensor, manifold: Stiefel, optimizer, group: dict,
     axis = -2 if dim == lead else -1
     long_axis = -2 if rows >= cols else -1
     mode = "rows" if axis == long_axis else "gather"
-    pg = p.device_mesh.get_group(mesh_dim)
     if mode == "rows" and retraction is not None and not shard_safe(retraction, manifold.metric):
         raise ValueError(
             f"{_describe(optimizer, group, p)}: retraction {retraction!r} with metric "
@@ -198,10 +210,31 @@ def local_parts(p: Tensor, manifold: Stiefel, optimizer, group: dict,
             "retraction 'polar', 'newton_schulz', 'qr' (CholeskyQR2) or 'cayley', metric='euclidean' "
             "for 'exp', or a landing optimizer"
         )
-    return local, local_grad, _Layout(
-        mode, axis, rows if axis == -2 else cols, (rows, cols), pg,
-        tuple(dist.get_process_group_ranks(pg)), dist.get_world_size(pg), dist.get_rank(pg),
-    )
+    return local, local_grad, _layout(p, mode, mesh_dim, axis, (rows, cols))
+
+
+def factor_parts(p: Tensor, long_dim: int, describe: Callable[[], str]) -> tuple[Tensor, Tensor | None, _Layout | None]:
+    """(local factor, local gradient, layout or None) of a 2-D LoRA factor whose tall form has its
+    rows on dim ``long_dim`` (A: r×in → 1, B: out×r → 0): ``rows`` when that dim is split, ``gather``
+    when the rank dim r is split. A plain or replicated tensor gives layout None."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        return p, p.grad, None
+    local, local_grad, split = _split(p, describe)
+    if split is None:
+        return local, local_grad, None
+    mesh_dim, dim = split
+    return local, local_grad, _layout(p, "rows" if dim == long_dim else "gather", mesh_dim, dim - 2,
+                                      tuple(p.shape))
+
+
+def reduction(layout: _Layout | None):
+    """The context in which :mod:`stiefel_opt.functional` reduces over the rows of ``layout``
+    (:func:`row_sharded` for a ``rows`` layout; no reduction otherwise)."""
+    if layout is None or layout.mode != "rows":
+        return contextlib.nullcontext()
+    return row_sharded(layout.full, layout.group)
 
 
 def agree(bad: Tensor, layout: _Layout | None) -> Tensor:
@@ -211,7 +244,7 @@ def agree(bad: Tensor, layout: _Layout | None) -> Tensor:
     return _all_reduce(bad.to(torch.uint8), layout.group, dist.ReduceOp.MAX).bool()
 
 
-def _gather(t: Tensor, layout: _Layout) -> Tensor:
+def gather(t: Tensor, layout: _Layout) -> Tensor:
     """The whole stack from the local blocks along ``layout.axis`` (torch.chunk split, padded)."""
     chunk = -(-layout.full // layout.world)
     n = t.shape[layout.axis]
@@ -226,7 +259,8 @@ def _gather(t: Tensor, layout: _Layout) -> Tensor:
     return torch.cat(parts, dim=layout.axis).narrow(layout.axis, 0, layout.full)
 
 
-def _local(t: Tensor, layout: _Layout, n: int) -> Tensor:
+def local_block(t: Tensor, layout: _Layout, n: int) -> Tensor:
+    """This rank's ``n`` rows (or columns) of a whole stack along ``layout.axis`` (torch.chunk split)."""
     chunk = -(-layout.full // layout.world)
     return t.narrow(layout.axis, min(layout.rank * chunk, layout.full), n)
 
@@ -266,19 +300,19 @@ def _gather_step(fn: Callable, layout: _Layout) -> Callable:
         def is_mat(t):
             return t is not None and t.shape == x.shape
 
-        full_state = [_gather(t, layout) if is_mat(t) else t for t in state]
-        out = fn(_gather(x, layout), _gather(g, layout), *full_state, **kw)
+        full_state = [gather(t, layout) if is_mat(t) else t for t in state]
+        out = fn(gather(x, layout), gather(g, layout), *full_state, **kw)
         for t, ft in zip(state, full_state):
             if is_mat(t):
-                t.copy_(_local(ft, layout, n))
+                t.copy_(local_block(ft, layout, n))
         if not isinstance(out, tuple):
-            return _local(out, layout, n)
+            return local_block(out, layout, n)
         x_new, *rest = out
         kept = []
         for i, r in enumerate(rest):  # (X⁺, buf): the buffer given in place, or a new one
             given = state[i] if i < len(state) else None
-            kept.append(given if is_mat(given) else (None if r is None else _local(r, layout, n).contiguous()))
-        return (_local(x_new, layout, n), *kept)
+            kept.append(given if is_mat(given) else (None if r is None else local_block(r, layout, n).contiguous()))
+        return (local_block(x_new, layout, n), *kept)
 
     return step
 

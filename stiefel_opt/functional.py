@@ -538,7 +538,7 @@ def rite_basis(y: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor]:
     y = y.to(_compute_dtype(y.dtype))
     if rtol is None:
         rtol = torch.finfo(y.dtype).eps ** 0.5
-    if _ROW_REDUCE.get() is not None:
+    if _row_reduce() is not None:
         return _rite_basis_gram(y, rtol)
     u, r = torch.linalg.qr(y)
     eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)

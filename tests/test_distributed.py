@@ -1,5 +1,7 @@
 """DDP and FSDP2 (gloo, 2 CPU ranks) against the single-process run; communication counted.
 
+Covers the package's optimizers, the ``riemannian``/``landing`` wrappers and LoRA-RITE.
+
 One ``torch.multiprocessing`` spawn runs every check (spawning is slow); rank 0 writes the
 measurements to a file and the tests below assert on them.
 """
@@ -30,20 +32,21 @@ DT = torch.float64
 class Net(nn.Module):
     """Stiefel weights: two tall 7×4 (rows split 4/3: the 3×4 shard is locally wide), a wide 3×7
     (short side split 2/1: gathered) and a stack of two 6×3 matrices (whole matrices per rank);
-    a LoRA-like pair (A 2×7, B 7×2) and a bias stay Euclidean."""
+    a LoRA pair (A 2×8, B 7×2; FSDP2 splits dim 1 evenly only) and a bias stay Euclidean
+    (LoRA-RITE's pair in the RITE runs)."""
 
     def __init__(self):
         super().__init__()
         self.tall = nn.Linear(4, 7, bias=False)
         self.tall2 = nn.Linear(4, 7, bias=False)
-        self.lora_A = nn.Linear(7, 2, bias=False)
+        self.lora_A = nn.Linear(8, 2, bias=False)
         self.lora_B = nn.Linear(2, 7, bias=True)
         self.wide = nn.Linear(7, 3, bias=False)
         self.experts = nn.Parameter(torch.randn(2, 6, 3))
 
     def forward(self, x):
         h = torch.tanh(self.tall(x)) + self.tall2(x) ** 2
-        h = h + self.lora_B(self.lora_A(h))
+        h = h + 0.5 * self.lora_B(self.lora_A(torch.cat([h, x[:, :1]], dim=-1)))
         return self.wide(h) + torch.einsum("bn,knp->bp", h[:, :6], self.experts)
 
 
@@ -85,11 +88,22 @@ CONFIGS = {
     "RiemannianAdam_cayley_scalar": lambda ps: RiemannianAdam(ps, lr=0.05, retraction="cayley", second_moment="scalar"),
     "RiemannianSGD_newton_schulz": lambda ps: RiemannianSGD(ps, lr=0.02, retraction="newton_schulz"),
     "RiemannianSGD_exp": lambda ps: RiemannianSGD(ps, lr=0.02, retraction="exp"),
-}
-DDP_ONLY = {
     "riemannian(AdamW)": lambda ps: riemannian(torch.optim.AdamW(ps, lr=0.05, weight_decay=0.0)),
+    "riemannian(SGD)_qr": lambda ps: riemannian(torch.optim.SGD(ps, lr=0.02, momentum=0.9), retraction="qr"),
     "landing(Adam)": lambda ps: landing(torch.optim.Adam(ps, lr=0.05), lam=1.0),
+    "landing(SGD)_clip_safe": lambda ps: landing(torch.optim.SGD(ps, lr=0.02, momentum=0.9), clip=0.3, safe_eps=0.2),
 }
+WRAPPERS = ("riemannian(AdamW)", "landing(Adam)")
+
+#: LoRA-RITE on Net's pair, every other parameter AdamW: fully_shard's default (A split on r:
+#: gathered; B on rows), A sharded on ``in`` (both factors on rows), and PEFT's B = 0 start.
+RITE = {"LoRARITE": {}, "LoRARITE_A_on_in": {"a_dim": 1}, "LoRARITE_zero_B": {"zero_b": True}}
+
+
+def _rite(model):
+    rest = [p for n, p in model.named_parameters() if n not in ("lora_A.weight", "lora_B.weight")]
+    return LoRARITE([{"pairs": [(model.lora_A.weight, model.lora_B.weight)], "params": rest}],
+                    lr=0.02, betas=(0.8, 0.9))
 
 
 def _train(model, opt, rank: int | None, data):
@@ -119,10 +133,13 @@ def _dist_gap(params: dict) -> float:
     return max(float(F.distance(params[n]).max()) for n in STIEFEL)
 
 
-def _fsdp(model, mesh):
+def _fsdp(model, mesh, a_dim: int = 0):
+    """fully_shard (Shard(0) everywhere), or ``lora_A.weight`` on dim ``a_dim``."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
 
-    fully_shard(model, mesh=mesh)
+    a = getattr(getattr(model, "lora_A", None), "weight", None)
+    fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(a_dim) if p is a else None)
     return model
 
 
@@ -160,12 +177,19 @@ class _Stack(nn.Module):
         return sum(((x @ w) ** 2).sum() for w in self.parameters())
 
 
-def _comm_per_step(mesh, tally, n: int, p: int, make_opt, batch: int = 3) -> dict:
-    """Bytes all-reduced per optimizer step for ``batch`` tall n×p Stiefel matrices under FSDP2."""
-    torch.manual_seed(3)
-    model = _fsdp(_Stack(F.random_point(batch, n, p, dtype=DT)), mesh)
-    opt = make_opt([{"params": list(model.parameters()), "manifold": "stiefel"}])
-    x = torch.randn(5, n, dtype=DT)
+class _LoRAs(nn.Module):
+    """``pairs`` LoRA pairs A (r×n), B (n×r) on an n-dim input."""
+
+    def __init__(self, pairs: int, n: int, r: int):
+        super().__init__()
+        self.a = nn.ParameterList([nn.Parameter(torch.randn(r, n, dtype=DT)) for _ in range(pairs)])
+        self.b = nn.ParameterList([nn.Parameter(torch.randn(n, r, dtype=DT)) for _ in range(pairs)])
+
+    def forward(self, x):
+        return sum((((x @ a.T) @ b.T) ** 2).sum() for a, b in zip(self.a, self.b))
+
+
+def _measure(model, opt, tally, x) -> dict:
     for _ in range(2):
         opt.zero_grad()
         model(x).backward()
@@ -175,6 +199,30 @@ def _comm_per_step(mesh, tally, n: int, p: int, make_opt, batch: int = 3) -> dic
             opt.step()
         tally.on = False
     return {"patched": dict(tally.bytes), "counted": counted.bytes}
+
+
+def _comm_per_step(mesh, tally, n: int, p: int, make_opt, batch: int = 3) -> dict:
+    """Bytes all-reduced per optimizer step for ``batch`` tall n×p Stiefel matrices under FSDP2."""
+    torch.manual_seed(3)
+    model = _fsdp(_Stack(F.random_point(batch, n, p, dtype=DT)), mesh)
+    opt = make_opt([{"params": list(model.parameters()), "manifold": "stiefel"}])
+    return _measure(model, opt, tally, torch.randn(5, n, dtype=DT))
+
+
+def _rite_comm_per_step(mesh, tally, n: int, a_dim: int) -> dict:
+    """Bytes per LoRA-RITE step for RITE_PAIRS pairs (A r×n, B n×r) under FSDP2, A split on ``a_dim``."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    torch.manual_seed(4)
+    model = _LoRAs(RITE_PAIRS, n, RITE_R)
+    a_ids = {id(a) for a in model.a}
+    fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: Shard(a_dim) if id(p) in a_ids else None)
+    opt = LoRARITE(list(zip(model.a, model.b)), lr=0.01)
+    return _measure(model, opt, tally, torch.randn(5, n, dtype=DT))
+
+
+RITE_PAIRS, RITE_R = 2, 3
 
 
 def _worker(rank: int, port: int, out: str):
@@ -188,9 +236,9 @@ def _worker(rank: int, port: int, out: str):
     tally = _Tally()
     tally.install()
     data = _data()
-    res: dict = {"parity": {}, "gap": {}}
+    res: dict = {"parity": {}, "gap": {}, "moved": {}}
     try:
-        for name, make in {**CONFIGS, **DDP_ONLY}.items():
+        for name, make in CONFIGS.items():
             ref = _net()
             _train(ref, make(_groups(ref)), None, data)
             ref_p = _full(ref)
@@ -198,13 +246,31 @@ def _worker(rank: int, port: int, out: str):
             ddp = DDP(ddp_net)
             _train(ddp, make(_groups(ddp_net)), rank, data)
             res["parity"][(name, "ddp")] = _max_diff(_full(ddp_net), ref_p)
-            if name in DDP_ONLY:
-                continue
             fs = _fsdp(_net(), mesh)
             _train(fs, make(_groups(fs)), rank, data)
             fs_p = _full(fs)
             res["parity"][(name, "fsdp2")] = _max_diff(fs_p, ref_p)
             res["gap"][name] = (_dist_gap(fs_p), _dist_gap(ref_p))
+
+        # LoRA-RITE: DDP and FSDP2 against the single-process run (every parameter compared)
+        for name, opts in RITE.items():
+            def net(zero_b=opts.get("zero_b", False)):
+                m = _net()
+                if zero_b:
+                    with torch.no_grad():
+                        m.lora_B.weight.zero_()
+                return m
+
+            ref = net()
+            _train(ref, _rite(ref), None, data)
+            ref_p = _full(ref)
+            ddp_net = net()
+            _train(DDP(ddp_net), _rite(ddp_net), rank, data)
+            res["parity"][(name, "ddp")] = _max_diff(_full(ddp_net), ref_p)
+            fs = _fsdp(net(), mesh, opts.get("a_dim", 0))
+            _train(fs, _rite(fs), rank, data)
+            res["parity"][(name, "fsdp2")] = _max_diff(_full(fs), ref_p)
+            res["moved"][name] = float((ref_p["lora_B.weight"] - net().lora_B.weight.detach()).abs().max())
 
         # a manifold recorded on StiefelParameters before fully_shard survives it
         net = _net()
@@ -222,35 +288,25 @@ def _worker(rank: int, port: int, out: str):
         res["comm"] = {(n, name): _comm_per_step(mesh, tally, n, 3, make)
                        for n in (16, 64)
                        for name, make in (("LandingAdam", CONFIGS["LandingAdam"]),
-                                          ("RiemannianAdam_polar", _stiefel_adam))}
+                                          ("RiemannianAdam_polar", _stiefel_adam),
+                                          *((w, CONFIGS[w]) for w in WRAPPERS))}
+        res["rite_comm"] = {(n, a_dim): _rite_comm_per_step(mesh, tally, n, a_dim)
+                            for n in (16, 64) for a_dim in (0, 1)}
 
         # a retraction that needs the whole matrix: a clear error naming the parameter
-        net = _fsdp(_net(), mesh)
-        opt = RiemannianSGD(_groups(net, manifold=Stiefel(metric="canonical", retraction="exp")), lr=0.1)
-        ((net(data[0][0]) - data[0][1]) ** 2).sum().backward()
-        try:
-            opt.step()
-            res["exp_error"] = None
-        except ValueError as e:
-            res["exp_error"] = str(e)
-
-        # LoRA-RITE on FSDP2 shards: a clear error (not yet sharded)
-        net = _fsdp(_net(), mesh)
-        try:
-            LoRARITE([(net.lora_A.weight, net.lora_B.weight)])
-            res["rite_fsdp_error"] = None
-        except TypeError as e:
-            res["rite_fsdp_error"] = str(e)
-
-        # LoRA-RITE under DDP
-        ref = _net()
-        make = lambda m: LoRARITE([(m.lora_A.weight, m.lora_B.weight)], lr=0.02)  # noqa: E731
-        _train(ref, make(ref), None, data)
-        ddp_net = _net()
-        _train(DDP(ddp_net), make(ddp_net), rank, data)
-        res["parity"][("LoRARITE", "ddp")] = _max_diff(
-            {k: v for k, v in _full(ddp_net).items() if "lora" in k}, {k: v for k, v in _full(ref).items() if "lora" in k}
-        )
+        canonical_exp = {
+            "exp_error": lambda ps: RiemannianSGD(ps, lr=0.1),
+            "wrapper_exp_error": lambda ps: riemannian(torch.optim.SGD(ps, lr=0.1), retraction="exp", metric="canonical"),
+        }
+        for key, make in canonical_exp.items():
+            net = _fsdp(_net(), mesh)
+            opt = make(_groups(net, manifold=Stiefel(metric="canonical", retraction="exp")))
+            ((net(data[0][0]) - data[0][1]) ** 2).sum().backward()
+            try:
+                opt.step()
+                res[key] = None
+            except ValueError as e:
+                res[key] = str(e)
     finally:
         if rank == 0:
             with open(out, "wb") as f:
@@ -272,7 +328,7 @@ def results(tmp_path_factory):
         return pickle.load(f)
 
 
-RUNS = [(n, "ddp") for n in (*CONFIGS, *DDP_ONLY, "LoRARITE")] + [(n, "fsdp2") for n in CONFIGS]
+RUNS = [(n, mode) for n in (*CONFIGS, *RITE) for mode in ("ddp", "fsdp2")]
 
 
 @pytest.mark.parametrize("name,mode", RUNS)
@@ -293,7 +349,12 @@ def test_manifold_recorded_before_fully_shard(results):
     assert results["recorded_manifold"]
 
 
-@pytest.mark.parametrize("name", ["LandingAdam", "RiemannianAdam_polar"])
+@pytest.mark.parametrize("name", list(RITE))
+def test_lora_rite_runs_moved_the_factors(results, name):
+    assert results["moved"][name] > 1e-3  # the parity above is not that of a run that stood still
+
+
+@pytest.mark.parametrize("name", ["LandingAdam", "RiemannianAdam_polar", *WRAPPERS])
 def test_bytes_per_step_are_O_p_squared(results, name):
     small, big = results["comm"][(16, name)], results["comm"][(64, name)]
     assert small == big  # independent of n
@@ -304,11 +365,22 @@ def test_bytes_per_step_are_O_p_squared(results, name):
     assert small["counted"] == small["patched"]["all_reduce"]
 
 
-def test_whole_matrix_retraction_raises_naming_parameter(results):
-    msg = results["exp_error"]
-    assert msg is not None and "parameter 0 of param group 0" in msg and "'polar'" in msg
+def test_lora_rite_bytes_per_step(results):
+    """B (n×r) split on its rows: four r×r Grams per pair all-reduced (its basis' two passes, its
+    unmagnified gradient's Gram, the basis change P of A's moments), whatever n. A split on r
+    (fully_shard's default) is all-gathered with its gradient; A split on in is like B."""
+    k, r, itemsize = RITE_PAIRS, RITE_R, 8
+    grams = 4 * k * r * r * itemsize
+    for n in (16, 64):
+        default, a_on_in = results["rite_comm"][(n, 0)], results["rite_comm"][(n, 1)]
+        assert default["patched"]["all_reduce"] == grams
+        assert default["patched"]["all_gather"] == 2 * k * -(-r // WORLD) * n * itemsize  # A and ∇A
+        assert a_on_in["patched"] == {"all_reduce": 2 * grams, "all_gather": 0}
+        for c in (default, a_on_in):
+            assert c["counted"] == sum(c["patched"].values())
 
 
-def test_lora_rite_on_shards_raises_clearly(results):
-    msg = results["rite_fsdp_error"]
-    assert msg is not None and "pair 0" in msg and "DDP" in msg
+@pytest.mark.parametrize("key,who", [("exp_error", "RiemannianSGD"), ("wrapper_exp_error", "SGD")])
+def test_whole_matrix_retraction_raises_naming_parameter(results, key, who):
+    msg = results[key]
+    assert msg is not None and f"{who}: parameter 0 of param group 0" in msg and "'polar'" in msg

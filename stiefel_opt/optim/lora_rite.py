@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw as _adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
+from .. import distributed as _dist
 from .. import functional as F
 
 __all__ = ["LoRARITE"]
@@ -177,11 +178,6 @@ class LoRARITE(torch.optim.Optimizer):
             )
         if not a.is_floating_point():
             raise TypeError(f"LoRARITE: pair {i}: factors must be floating point, got {a.dtype}")
-        if any(type(t).__name__ == "DTensor" for t in (a, b)):
-            raise TypeError(
-                f"LoRARITE: pair {i} holds FSDP2 DTensor shards, which LoRA-RITE does not run on yet; "
-                "use DDP (LoRARITE works unchanged there) or LandingAdam/RiemannianAdam under fully_shard"
-            )
         return [a, b]
 
     # -- state ---------------------------------------------------------------------------------
@@ -271,14 +267,16 @@ class LoRARITE(torch.optim.Optimizer):
         for group in self.param_groups:
             k = group["num_pairs"]
             self._adamw_step(group, group["params"][2 * k :])
-            by_shape: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
-            for a, b in zip(group["params"][0 : 2 * k : 2], group["params"][1 : 2 * k : 2]):
+            by_shape: dict[tuple, list[tuple]] = defaultdict(list)
+            for i, (a, b) in enumerate(zip(group["params"][0 : 2 * k : 2], group["params"][1 : 2 * k : 2])):
                 if a.grad is None and b.grad is None:
                     continue
                 if (a.grad is not None and a.grad.is_sparse) or (b.grad is not None and b.grad.is_sparse):
                     raise ValueError("LoRARITE: sparse gradients are not supported")
-                by_shape[(a.shape, b.shape, a.dtype, a.device)].append((a, b))
-            buckets += [self._prepare(group, pairs) for pairs in by_shape.values()]
+                fa = _dist.factor_parts(a, 1, lambda i=i, f="A", t=a: self._describe(group, i, f, t))
+                fb = _dist.factor_parts(b, 0, lambda i=i, f="B", t=b: self._describe(group, i, f, t))
+                by_shape[(a.shape, b.shape, a.dtype, a.device, fa[2], fb[2])].append((a, b, fa, fb))
+            buckets += [self._prepare(group, items) for items in by_shape.values()]
         if not buckets:
             return loss
         coeff = None
@@ -316,25 +314,47 @@ class LoRARITE(torch.optim.Optimizer):
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
 
-    def _prepare(self, group: dict, pairs: list[tuple[Tensor, Tensor]]) -> dict:
+    def _describe(self, group: dict, i: int, factor: str, t: Tensor) -> str:
+        gi = next(j for j, g in enumerate(self.param_groups) if g is group)
+        return f"LoRARITE: factor {factor} (shape {tuple(t.shape)}) of pair {i} in param group {gi}"
+
+    @staticmethod
+    def _stack(parts: list[tuple], layout, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(factors, gradients) of a bucket side as stacks of their local shards (the whole
+        factors for a ``gather`` layout: one all-gather of both), in the factor's own layout."""
+        xs = torch.stack([t for t, _, _ in parts])
+        gs = torch.stack([torch.zeros_like(t) if g is None else g for t, g, _ in parts])
+        both = torch.stack([xs, gs]).to(cdt)
+        if layout is not None and layout.mode == "gather":
+            both = _dist.gather(both, layout)
+        return both[0], both[1]
+
+    def _prepare(self, group: dict, items: list[tuple]) -> dict:
         """Stack a bucket of same-shape pairs: QR of both factors, Grams of the unmagnified
-        gradients, and the non-finite check (on the Gram diagonals)."""
-        a0, b0 = pairs[0]
+        gradients, and the non-finite check (on the Gram diagonals).
+
+        FSDP2 shards (see :mod:`stiefel_opt.distributed`): a factor split along its long side (B's
+        rows, A's columns) steps on its rows of the tall form, its n-row Grams all-reduced (r×r);
+        a factor split along r (``fully_shard``'s default Shard(0) for A) is all-gathered with its
+        gradient, stepped whole on every rank (its moments are kept whole), and each rank keeps its
+        rows."""
+        a0, b0, (_, _, la), (_, _, lb) = items[0]
         r, n_in, n_out = a0.shape[0], a0.shape[1], b0.shape[0]
         cdt = torch.float32 if a0.dtype in _LOW_PRECISION else a0.dtype
-        a_params = [a for a, _ in pairs]
-        b_params = [b for _, b in pairs]
-        side_a = self._side_state(a_params, n_in, n_out, r, cdt)
-        side_b = self._side_state(b_params, n_out, n_in, r, cdt)
-        xa = torch.stack(a_params).to(cdt).transpose(-1, -2)  # k×in×r (tall Aᵀ)
-        xb = torch.stack(b_params).to(cdt)  # k×out×r
-        ga = torch.stack([torch.zeros_like(a) if a.grad is None else a.grad for a in a_params])
-        gb = torch.stack([torch.zeros_like(b) if b.grad is None else b.grad for b in b_params])
-        ga, gb = ga.to(cdt).transpose(-1, -2), gb.to(cdt)
-        ua, ra_pinv = F.rite_basis(xa)
-        ub, rb_pinv = F.rite_basis(xb)
-        gram_a = F.rite_unmagnified_gram(ga, rb_pinv)
-        gram_b = F.rite_unmagnified_gram(gb, ra_pinv)
+        a_params = [a for a, *_ in items]
+        b_params = [b for _, b, *_ in items]
+        xa, ga = self._stack([fa for *_, fa, _ in items], la, cdt)
+        xb, gb = self._stack([fb for *_, fb in items], lb, cdt)
+        xa, ga = xa.transpose(-1, -2), ga.transpose(-1, -2)  # k×in×r (tall Aᵀ; local rows when sharded)
+        side_a = self._side_state(a_params, xa.shape[-2], xb.shape[-2], r, cdt)
+        side_b = self._side_state(b_params, xb.shape[-2], xa.shape[-2], r, cdt)
+        with _dist.reduction(la):
+            ua, ra_pinv = F.rite_basis(xa)
+        with _dist.reduction(lb):
+            ub, rb_pinv = F.rite_basis(xb)
+            gram_b = F.rite_unmagnified_gram(gb, ra_pinv)
+        with _dist.reduction(la):
+            gram_a = F.rite_unmagnified_gram(ga, rb_pinv)
         diag = torch.cat([gram_a.diagonal(dim1=-2, dim2=-1), gram_b.diagonal(dim1=-2, dim2=-1)], -1)
         ok = torch.isfinite(diag).all(-1)
         bad = None
@@ -362,24 +382,29 @@ class LoRARITE(torch.optim.Optimizer):
             gram_b = torch.where(keep, gram_b, 0.0)
         sumsq = (gram_a.diagonal(dim1=-2, dim2=-1).sum() + gram_b.diagonal(dim1=-2, dim2=-1).sum())
         return dict(
-            group=group, a_params=a_params, b_params=b_params, bad=bad, sides=(
-                (side_a, xa, ga, gram_a, ub, rb_pinv),
-                (side_b, xb, gb, gram_b, ua, ra_pinv),
+            group=group, a_params=a_params, b_params=b_params, bad=bad, layouts=(la, lb),
+            locals=([fa[0] for *_, fa, _ in items], [fb[0] for *_, fb in items]), sides=(
+                (side_a, xa, ga, gram_a, ub, rb_pinv, n_in, lb),
+                (side_b, xb, gb, gram_b, ua, ra_pinv, n_out, la),
             ), sumsq=sumsq,
         )
 
     def _apply(self, bk: dict, coeff: Tensor | None) -> None:
         group, bad = bk["group"], bk["bad"]
         outs = []
-        for side, x, g, gram, u, r_pinv in bk["sides"]:
+        for side, *args in bk["sides"]:
             saved = None if bad is None else {k: v.index_select(0, bad) for k, v in side.items()}
-            outs.append(self._side_update(group, side, x, g, gram, u, r_pinv, coeff))
+            outs.append(self._side_update(group, side, *args, coeff))
             if saved is not None:
                 for k, v in side.items():
                     v.index_copy_(0, bad, saved[k])
-        a_params, b_params = bk["a_params"], bk["b_params"]
-        new_a = outs[0].transpose(-1, -2).to(a_params[0].dtype).unbind(0)
-        new_b = outs[1].to(b_params[0].dtype).unbind(0)
+        a_params, b_params = bk["locals"]
+        new = [outs[0].transpose(-1, -2), outs[1]]
+        for i, (layout, local) in enumerate(zip(bk["layouts"], bk["locals"])):
+            if layout is not None and layout.mode == "gather":
+                new[i] = _dist.local_block(new[i], layout, local[0].shape[layout.axis])
+        new_a = new[0].to(a_params[0].dtype).unbind(0)
+        new_b = new[1].to(b_params[0].dtype).unbind(0)
         if bad is not None:
             skip = set(bad.tolist())
             keep = [i for i in range(len(a_params)) if i not in skip]
@@ -391,19 +416,22 @@ class LoRARITE(torch.optim.Optimizer):
 
     @staticmethod
     def _side_update(group: dict, side: dict[str, Tensor], x: Tensor, g: Tensor, gram: Tensor,
-                     u_partner: Tensor, r_pinv_partner: Tensor, coeff: Tensor | None) -> Tensor:
-        """Update the stacked state of one side of a bucket in place; return the new tall factors."""
+                     u_partner: Tensor, r_pinv_partner: Tensor, n: int, partner_layout,
+                     coeff: Tensor | None) -> Tensor:
+        """Update the stacked state of one side of a bucket in place; return the new tall factors
+        (n: the factor's long side; the partner's basis may be row-sharded per ``partner_layout``)."""
         beta1, beta2 = group["betas"]
         side["step"].add_(1)
         t = side["step"].to(x.dtype)
         b1 = beta1 * (1 - beta1 ** (t - 1)) / (1 - beta1**t)
         b2 = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
         v_old, rho = side["exp_avg_sq"], side["escaped_mass"]
-        p, v_moved = F.rite_transport(u_partner, side["partner_basis"], v_old)
+        with _dist.reduction(partner_layout):
+            p, v_moved = F.rite_transport(u_partner, side["partner_basis"], v_old)
         if group["escaped_mass"]:
             rho.copy_(b2 * (rho + F.rite_escaped_mass(v_old, v_moved)))
         c2 = 1.0 if coeff is None else coeff.square().to(x.dtype)
-        v_old.copy_(b2[:, None, None] * v_moved + ((1 - b2) * c2 / x.shape[-2])[:, None, None] * gram)
+        v_old.copy_(b2[:, None, None] * v_moved + ((1 - b2) * c2 / n)[:, None, None] * gram)
         k = F.rite_inv_root(v_old, rho, group["eps"])
         if coeff is not None:
             k = k * coeff.to(x.dtype)

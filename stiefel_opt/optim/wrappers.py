@@ -13,6 +13,11 @@ wrapping. ``copy.deepcopy`` of a wrapped optimizer gives a wrapped copy. Stiefel
 found as in the package's optimizers (group ``"manifold"``, else the parameter's own manifold).
 A matrix with a non-finite gradient keeps its value (its gradient is zeroed for the inner step;
 a RuntimeWarning is issued); the inner optimizer's state for it still decays.
+
+Under FSDP2 the hooks work on the local shards (:mod:`stiefel_opt.distributed`): a matrix split
+along its long side gets its Riemannian gradient, landing field, norms, retraction and state
+transport from all-reduced p×p Grams; one split along its short side is all-gathered. The inner
+optimizer steps on the DTensors as usual.
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ import warnings
 import torch
 from torch import Tensor
 
+from .. import distributed as _dist
 from .. import functional as F
-from ..manifolds import as_stiefel
+from ..manifolds import Stiefel, as_stiefel
 from ._base import StiefelOptimizer, param_manifold
 
 __all__ = ["riemannian", "landing", "TANGENT_STATE_KEYS"]
@@ -35,8 +41,10 @@ TANGENT_STATE_KEYS = ("exp_avg", "momentum_buffer", "grad_avg")
 _LOW = (torch.float16, torch.bfloat16)
 
 
-def _buckets(optimizer) -> dict:
-    """Group Stiefel parameters that have a gradient by (matrix shape, dtype, device, manifold)."""
+def _buckets(optimizer, wrap: "_Wrap") -> dict:
+    """Group Stiefel parameters that have a gradient by (local matrix shape, dtype, device, metric,
+    retraction, shard layout): {key: (params, local params, local gradients)}. The wrapper's
+    retraction and metric override the manifold's; a landing wrapper retracts nothing (None)."""
     out: dict = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -45,10 +53,21 @@ def _buckets(optimizer) -> dict:
             m = param_manifold(group, p)
             if m is None:
                 continue
-            mshape = tuple(m.to_matrix(p).shape[-2:])
-            key = (mshape, p.dtype, p.device, m.metric, m.retraction, m.ndim)
-            out.setdefault(key, []).append(p)
+            met = wrap.metric or m.metric
+            method = (wrap.retraction or m.retraction) if wrap.kind == "riemannian" else None
+            x, g, layout = _dist.local_parts(p, Stiefel(met, m.retraction, m.ndim), optimizer, group, method)
+            mshape = tuple(m.to_matrix(x).shape[-2:])
+            key = (mshape, p.dtype, p.device, met, method, m.ndim, layout)
+            ps, xs, gs = out.setdefault(key, ([], [], []))
+            ps.append(p)
+            xs.append(x)
+            gs.append(g)
     return out
+
+
+def _on_shards(fn, layout):
+    """``fn(x, y)`` (two stacks of local matrices → a local stack) run on the shards of ``layout``."""
+    return fn if layout is None else _dist.sharded_step(fn, layout, "torch")
 
 
 def _gather(ts: list[Tensor], mshape) -> Tensor:
@@ -80,10 +99,10 @@ class _Wrap:
     def pre(self, optimizer, args, kwargs):
         self._saved = []
         with torch.no_grad():
-            for (mshape, _, _, metric, method, _), ps in _buckets(optimizer).items():
-                x = _gather(ps, mshape)
-                g = _gather([p.grad for p in ps], mshape)
-                bad = ~torch.isfinite(g).flatten(1).all(dim=1)
+            for (mshape, _, _, metric, method, _, layout), (ps, xs, gs) in _buckets(optimizer, self).items():
+                x = _gather(xs, mshape)
+                g = _gather(gs, mshape)
+                bad = _dist.agree(~torch.isfinite(g).flatten(1).all(dim=1), layout)
                 if bool(bad.any()):
                     warnings.warn(
                         f"{self.kind}(): non-finite gradient in {int(bad.sum())} Stiefel matrices of shape "
@@ -92,49 +111,66 @@ class _Wrap:
                     g = g.masked_fill(bad[:, None, None], 0.0)
                 else:
                     bad = None
-                if self.kind == "riemannian":
-                    new_g = F.egrad2rgrad(x, g, self.metric or metric)
-                else:
-                    new_g = F.landing_field(x, g, self.lam)
-                    if self.clip is not None:
-                        norm = torch.linalg.matrix_norm(new_g).clamp_min(torch.finfo(new_g.dtype).tiny)
-                        new_g = new_g * (self.clip / norm).clamp_max(1.0)[:, None, None]
-                _scatter([p.grad for p in ps], new_g, mshape)
-                self._saved.append((ps, mshape, self.metric or metric, self.retraction or method, x.clone(), bad))
+                _scatter(gs, _on_shards(self._field, layout)(x, g, metric=metric), mshape)
+                self._saved.append((ps, mshape, metric, method, x.clone(), bad, layout))
+
+    def _field(self, x: Tensor, g: Tensor, metric: str) -> Tensor:
+        """The gradient handed to the inner optimizer: rgrad(X, G), or the (clipped) landing field."""
+        if self.kind == "riemannian":
+            return F.egrad2rgrad(x, g, metric)
+        field = F.landing_field(x, g, self.lam)
+        if self.clip is not None:
+            norm = F._frobenius(field).clamp_min(torch.finfo(field.dtype).tiny)
+            field = field * (self.clip / norm).clamp_max(1.0)[..., None, None]
+        return field
 
     def post(self, optimizer, args, kwargs):
         with torch.no_grad():
-            for ps, mshape, metric, method, x_old, bad in self._saved:
-                x_new = _gather(ps, mshape)
+            for ps, mshape, metric, method, x_old, bad, layout in self._saved:
+                xs = [_local(p) for p in ps]
+                x_new = _gather(xs, mshape)
                 if self.kind == "riemannian":
-                    v = F.proj_tangent(x_old, x_new - x_old)
-                    x_new = F.retract(x_old, v, method, metric)
+                    x_new = _on_shards(_retract_displacement, layout)(x_old, x_new, method=method, metric=metric)
                 elif self.safe_eps is not None:
-                    x_new = _backtrack(x_old, x_new, self.safe_eps)
+                    x_new = _on_shards(_backtrack, layout)(x_old, x_new, eps=self.safe_eps)
                 if bad is not None:
                     x_new[bad] = x_old[bad]
-                _scatter(ps, x_new, mshape)
+                _scatter(xs, x_new, mshape)
                 if self.kind == "riemannian":
-                    self._transport_state(optimizer, ps, mshape, x_new)
+                    self._transport_state(optimizer, ps, xs, mshape, x_new, layout)
         self._saved = []
 
-    def _transport_state(self, optimizer, ps, mshape, y) -> None:
+    def _transport_state(self, optimizer, ps, xs, mshape, y, layout) -> None:
         for key in self.tangent_keys:
             ts = [optimizer.state.get(p, {}).get(key) for p in ps]
             if not all(isinstance(t, Tensor) and t.shape == p.shape for t, p in zip(ts, ps)):
                 continue
-            _scatter(ts, F.proj_tangent(y, _gather(ts, mshape)), mshape)
+            ts = [_local(t) for t in ts]
+            if any(t.shape != x.shape for t, x in zip(ts, xs)):
+                continue
+            _scatter(ts, _on_shards(F.proj_tangent, layout)(y, _gather(ts, mshape)), mshape)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _retract_displacement(x_old: Tensor, x_new: Tensor, method: str, metric: str) -> Tensor:
+    """R_{X_old}(P_{X_old}(X_new − X_old)): StelLA's projection of the inner step, then the retraction."""
+    return F.retract(x_old, F.proj_tangent(x_old, x_new - x_old), method, metric)
 
 
 def _backtrack(x_old: Tensor, x_new: Tensor, eps: float, halvings: int = 30) -> Tensor:
     """Shrink X_old + tΔ, t ∈ {1, ½, ¼, …}, per matrix until ‖XᵀX − I‖_F ≤ max(eps, d(X_old)).
 
     d(t)² = ‖E + tS + t²Q‖²_F with E = X_oldᵀX_old − I, S = 2 sym(X_oldᵀΔ), Q = ΔᵀΔ: p×p only."""
-    xo = x_old.mT if F.is_wide(x_old) else x_old
-    delta = (x_new - x_old).mT if F.is_wide(x_old) else x_new - x_old
+    wide = F.is_wide(x_old)
+    xo = x_old.mT if wide else x_old
+    delta = (x_new - x_old).mT if wide else x_new - x_old
     e = F.gram_identity_gap(xo)
-    s = 2.0 * F.sym(xo.mT @ delta)
-    q = delta.mT @ delta
+    s = 2.0 * F.sym(F.gram(xo, delta))
+    q = F.gram(delta, delta)
     bound = torch.linalg.matrix_norm(e).clamp_min(eps)
     t = torch.ones(x_old.shape[0], dtype=x_old.dtype, device=x_old.device)
     for _ in range(halvings):
