@@ -417,3 +417,68 @@ def test_optimizer_auto_uses_torch_on_cpu(monkeypatch, opt_name, step_name):
     auto = _brockett_run(cls, "auto", steps=3, lr=0.001)
     for r, a in zip(ref, auto):
         torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+def test_kernels_build_for_a_cuda_target():
+    """The interpreter runs the kernels as Python. This builds the Triton IR of every specialisation
+    the wrappers launch for a CUDA target (sm_80, bf16 points), which rejects what only a GPU
+    compile would (a name bound in one constexpr branch only, type mismatches), without a GPU."""
+    res = _run_python(
+        """
+        import itertools, warnings
+        warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+        from triton._C.libtriton import ir
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.compiler.compiler import make_backend
+        from stiefel_opt.kernels import _core, _steps
+
+        target = GPUTarget("cuda", 80, 32)
+        backend = make_backend(target)
+        options = backend.parse_options({})
+        FLOATS = {"beta1", "beta2", "bc1", "bc2_sqrt", "eps", "momentum", "dampening", "lr"}
+        BF16 = {"x_ptr", "g_ptr", "a_ptr", "b_ptr", "out_ptr"}
+
+        def build(fn, **constexprs):
+            sig = {}
+            for a in fn.arg_names:
+                if a in constexprs:
+                    sig[a] = "constexpr"
+                elif a.endswith("_ptr"):
+                    fp32 = a not in BF16 or (fn is _steps._pass_b_kernel and a == "out_ptr")
+                    sig[a] = "*fp32" if fp32 else "*bf16"
+                else:
+                    sig[a] = "fp32" if a in FLOATS else "i32"
+            ctx = ir.context()
+            ir.load_dialects(ctx)
+            backend.load_dialects(ctx)
+            ASTSource(fn, sig, constexprs).make_ir(target, options, backend.get_codegen_implementation(options),
+                                                   backend.get_module_map(), ctx)
+
+        built = 0
+        for mode in (_core.MODE_X_G, _core.MODE_SUM):
+            build(_core._gram_kernel, MODE=mode, BN=64, BP=16)
+            built += 1
+        for sum_first in (False, True):
+            build(_core._apply_kernel, SUM_FIRST=sum_first, BN=64, BP=16)
+            built += 1
+        sgd = [(False, False, False), (True, True, False), (True, False, True)]  # (momentum, first, nesterov)
+        for kind in (_steps.LANDING_ADAM, _steps.RIEMANNIAN_ADAM):
+            for ams in (False, True):
+                build(_steps._pass_b_kernel, KIND=kind, MOMENTUM=False, FIRST=False, NESTEROV=False,
+                      AMSGRAD=ams, BN=32, BP=16)
+                built += 1
+            build(_steps._pass_c_kernel, KIND=kind, MOMENTUM=False, NESTEROV=False, NEED_T=False, BN=32, BP=16)
+            built += 1
+        for kind in (_steps.LANDING_SGD, _steps.RIEMANNIAN_SGD):
+            for mom, first, nest in sgd:
+                build(_steps._pass_b_kernel, KIND=kind, MOMENTUM=mom, FIRST=first, NESTEROV=nest,
+                      AMSGRAD=False, BN=32, BP=16)
+                need_t = kind == _steps.LANDING_SGD or not mom or nest
+                build(_steps._pass_c_kernel, KIND=kind, MOMENTUM=mom, NESTEROV=nest, NEED_T=need_t, BN=32, BP=16)
+                built += 2
+        print("BUILT", built)
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["BUILT", "22"], res.stdout
