@@ -20,7 +20,8 @@ import torch
 from stiefel_opt import functional as F
 from stiefel_opt import kernels as K
 
-OPS = ("landing_field", "retract_polar", "landing_adam_step", "landing_sgd_momentum_step")
+OPS = ("landing_field", "retract_polar", "landing_adam_step", "landing_sgd_momentum_step",
+       "riemannian_sgd_polar_step", "riemannian_adam_polar_step")
 
 
 def _device_name(device: torch.device) -> str:
@@ -43,6 +44,11 @@ def _make_op(name: str, backend: str, shape: tuple, device: torch.device):
         # step fixed: a Python int that changed every call would make torch.compile recompile
         "landing_adam_step": (mod.landing_adam_update, lambda f: f(x, g, m, v, step=10, lr=1e-3)),
         "landing_sgd_momentum_step": (mod.landing_sgd_update, lambda f: f(x, g, buf, lr=1e-3, momentum=0.9)),
+        # momentum 0.9 / Adam, polar retraction (the fused forms of RiemannianSGD/Adam)
+        "riemannian_sgd_polar_step": (mod.riemannian_sgd_update,
+                                      lambda f: f(x, g, buf, lr=1e-3, momentum=0.9, retraction="polar")),
+        "riemannian_adam_polar_step": (mod.riemannian_adam_update,
+                                       lambda f: f(x, g, m, v, step=10, lr=1e-3, retraction="polar")),
     }
     fn, call = fns[name]
     if backend == "compile":
