@@ -297,3 +297,48 @@ def test_hf_trainer_accepts_optimizers():
             assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
                               (LandingAdam, RiemannianAdam))
             assert float(F.distance(w.detach())) < 0.5
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("cls,kw", [(LandingAdam, dict(lr=0.05, amsgrad=True)),
+                                    (RiemannianSGD, dict(lr=0.05, momentum=0.9, nesterov=True))],
+                         ids=["LandingAdam", "RiemannianSGD"])
+def test_compile_option_matches_eager_without_recompiling(cls, kw):
+    """compile=True: the same steps as eager to rounding, over a changing lr (a schedule) and two
+    shapes; once the first steps have compiled (static, then dynamic shapes; momentum buffer absent,
+    then present), new lr and step values compile nothing."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    a = torch.randn(4, 12, 12)
+    a = a @ a.mT
+
+    def run(compile):
+        torch.manual_seed(0)
+        xs = [StiefelParameter(F.random_point(12, 3)), StiefelParameter(F.random_point(2, 7, 2))]
+        opt = cls(xs, compile=compile, **kw)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+        graphs = []
+        for _ in range(6):
+            opt.zero_grad()
+            loss = -(xs[0].mT @ a[0] @ xs[0]).trace() - (xs[1].mT @ a[1:3, :7, :7] @ xs[1]).diagonal(0, -2, -1).sum()
+            loss.backward()
+            opt.step()
+            sched.step()
+            graphs.append(counters["stats"]["unique_graphs"])
+        return [x.detach().clone() for x in xs], graphs
+
+    compiled, graphs = run(True)
+    assert graphs[0] >= 1 and graphs[-1] == graphs[2]
+    eager, _ = run(False)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+        assert float(F.distance(c).max()) < 0.5
+
+
+def test_compile_option_rejects_bad_values():
+    x = StiefelParameter(F.random_point(6, 2))
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        LandingAdam([x], compile="yes")
+    with pytest.raises(ValueError, match="does not combine|use backend='torch'"):
+        LandingSGD([x], compile=True, backend="triton")

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Callable
@@ -64,23 +65,42 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
-def step_function(name: str, backend: str = "auto") -> Callable:
+@functools.cache
+def _compiled(name: str) -> Callable:
+    """``torch.compile`` of the torch step ``name``; lr and step are passed as 0-d tensors, so a new
+    value is an input of the compiled graph rather than a recompilation."""
+    fn = torch.compile(STEP_FUNCTIONS["torch"][name])
+
+    @functools.wraps(STEP_FUNCTIONS["torch"][name])
+    def step(*args, **kwargs):
+        for k in ("lr", "step"):
+            if k in kwargs:
+                kwargs[k] = torch.tensor(float(kwargs[k]))
+        return fn(*args, **kwargs)
+
+    return step
+
+
+def step_function(name: str, backend: str = "auto", compile: bool = False) -> Callable:
     """The batched step function ``name`` for ``backend`` (the optimizers' one dispatch point).
 
     ``"auto"``: the fused kernel when one is registered for ``name`` and the stack is on CUDA in a
     supported dtype with triton installed, the torch function otherwise (decided per call).
+    ``compile``: the torch function through ``torch.compile`` (not with ``backend="triton"``).
     """
     backend = _resolve_backend(backend)
     fused = STEP_FUNCTIONS.get("triton", {}).get(name)
+    if compile and backend == "triton":
+        raise ValueError("compile=True compiles the torch step; it does not combine with backend='triton'")
     if backend == "auto":
-        torch_fn = STEP_FUNCTIONS["torch"][name]
+        torch_fn = _compiled(name) if compile else STEP_FUNCTIONS["torch"][name]
         return torch_fn if fused is None else _kernels.auto_dispatch(torch_fn, fused)
     if backend == "triton" and fused is None:
         raise ValueError(
             f"backend='triton': no fused kernel for the {name!r} step yet (fused: "
             f"{sorted(STEP_FUNCTIONS['triton'])}); use backend='torch' or 'auto'"
         )
-    return STEP_FUNCTIONS[backend][name]
+    return _compiled(name) if compile else STEP_FUNCTIONS[backend][name]
 
 
 def param_manifold(group: dict, p: Tensor) -> Stiefel | None:
@@ -188,7 +208,7 @@ class StiefelOptimizer:
     ``_EXTRA`` (their own group keys), ``_bucket_tag``, ``_euclidean_step`` and ``_manifold_update``."""
 
     _STEP: str = ""
-    _COMMON = ("manifold", "retraction", "nonfinite", "master_weights", "backend")
+    _COMMON = ("manifold", "retraction", "nonfinite", "master_weights", "backend", "compile")
     _EXTRA: tuple[str, ...] = ()
     _SCALAR_KEYS: tuple[str, ...] = ()
 
@@ -221,6 +241,10 @@ class StiefelOptimizer:
         if group["master_weights"] not in (None, True, False):
             raise ValueError(f"{name}: master_weights must be None, True or False, got {group['master_weights']!r}")
         _resolve_backend(group["backend"])
+        if group["compile"] not in (True, False):
+            raise ValueError(f"{name}: compile must be True or False, got {group['compile']!r}")
+        if group["compile"] and group["backend"] == "triton":
+            raise ValueError(f"{name}: compile=True compiles the torch step; use backend='torch' or 'auto' with it")
         if group["retraction"] is not None and group["retraction"] not in F.RETRACTIONS:
             raise ValueError(
                 f"{name}: retraction must be None (the manifold's) or one of {tuple(F.RETRACTIONS)}, "
@@ -292,7 +316,7 @@ class StiefelOptimizer:
             b.grads.append(g_loc)
             b.states.append(state)
             b.counts.append(math.prod(p_loc.shape[: p_loc.dim() - m.ndim]))
-        fn = step_function(self._STEP, group["backend"])
+        fn = step_function(self._STEP, group["backend"], group.get("compile", False))
         for b in buckets.values():
             self._bucket_step(group, b, fn if b.layout is None else
                               _dist.sharded_step(STEP_FUNCTIONS["torch"][self._STEP], b.layout, group["backend"]))

@@ -30,7 +30,7 @@ class LandingSGD(_LandingChecks, SGDFamily, torch.optim.SGD):
     No retraction, no n×n matrix: O(np²). X need not start on the manifold (‖XᵀX − I‖_F < safe_eps).
 
     Args beyond ``torch.optim.SGD``'s: ``lam`` (λ > 0), ``safe_eps`` (ε ∈ (0, 1)), and
-    ``nonfinite``, ``master_weights``, ``backend``, group ``manifold`` as in
+    ``nonfinite``, ``master_weights``, ``backend``, ``compile``, group ``manifold`` as in
     :class:`~stiefel_opt.optim.RiemannianSGD`. No weight decay on Stiefel parameters.
     """
 
@@ -41,9 +41,11 @@ class LandingSGD(_LandingChecks, SGDFamily, torch.optim.SGD):
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  lam: float = 1.0, safe_eps: float = 0.5, nonfinite: str = "skip",
-                 master_weights: bool | None = None, backend: str = "auto"):
+                 master_weights: bool | None = None, backend: str = "auto",
+                 compile: bool = False):
         self._setup({"manifold": None, "retraction": None, "nonfinite": nonfinite,
-                     "master_weights": master_weights, "backend": backend, "lam": lam, "safe_eps": safe_eps})
+                     "master_weights": master_weights, "backend": backend, "compile": compile, "lam": lam,
+                     "safe_eps": safe_eps})
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach,
                          differentiable=differentiable, fused=fused)
@@ -76,9 +78,11 @@ class LandingAdam(_LandingChecks, AdamFamily, torch.optim.Adam):
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, decoupled_weight_decay: bool = False,
                  lam: float = 1.0, safe_eps: float = 0.5, second_moment: str = "elementwise",
-                 nonfinite: str = "skip", master_weights: bool | None = None, backend: str = "auto"):
+                 nonfinite: str = "skip", master_weights: bool | None = None, backend: str = "auto",
+                 compile: bool = False):
         self._setup({"manifold": None, "retraction": None, "nonfinite": nonfinite,
-                     "master_weights": master_weights, "backend": backend, "lam": lam, "safe_eps": safe_eps,
+                     "master_weights": master_weights, "backend": backend, "compile": compile, "lam": lam,
+                     "safe_eps": safe_eps,
                      "second_moment": second_moment})
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable,

@@ -25,7 +25,10 @@ class RiemannianSGD(SGDFamily, torch.optim.SGD):
             RuntimeWarning; ``state["nonfinite_skips"]`` counts) or ``"raise"``.
         master_weights: None/True keeps an fp32 master copy of bf16/fp16 Stiefel parameters;
             False does the fp32 math on upcast copies and rounds the point back each step.
-        backend: ``"auto"`` or ``"torch"`` (fused kernels plug into the same dispatch point).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (the fused kernels of
+            :mod:`stiefel_opt.kernels`; "auto" = Triton on CUDA tensors when it imports).
+        compile: run the torch step through ``torch.compile`` (lr and step enter as 0-d tensors,
+            so a schedule does not recompile; the first step pays the compilation).
         manifold: declare every parameter of the group Stiefel (``"stiefel"`` or a ``Stiefel``).
     ``fused``, ``differentiable`` are rejected for groups holding Stiefel parameters.
     """
@@ -36,9 +39,10 @@ class RiemannianSGD(SGDFamily, torch.optim.SGD):
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  retraction: str | None = None, nonfinite: str = "skip", master_weights: bool | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto",
+                 compile: bool = False):
         self._setup({"manifold": None, "retraction": retraction, "nonfinite": nonfinite,
-                     "master_weights": master_weights, "backend": backend})
+                     "master_weights": master_weights, "backend": backend, "compile": compile})
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach,
                          differentiable=differentiable, fused=fused)
@@ -70,9 +74,10 @@ class RiemannianAdam(AdamFamily, torch.optim.Adam):
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None, decoupled_weight_decay: bool = False,
                  retraction: str | None = None, second_moment: str = "elementwise", nonfinite: str = "skip",
-                 master_weights: bool | None = None, backend: str = "auto"):
+                 master_weights: bool | None = None, backend: str = "auto",
+                 compile: bool = False):
         self._setup({"manifold": None, "retraction": retraction, "nonfinite": nonfinite,
-                     "master_weights": master_weights, "backend": backend, "second_moment": second_moment})
+                     "master_weights": master_weights, "backend": backend, "compile": compile, "second_moment": second_moment})
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
