@@ -240,7 +240,8 @@ def test_riemannian_adam_polar_step_matches_reference(shape, amsgrad, metric, bf
 
 
 def test_steps_without_a_fused_form_run_the_reference():
-    """Other retractions and the scalar second moment run the torch function (equal to the bit)."""
+    """Other retractions, the scalar second moment and more than MAX_FUSED_P columns run the torch
+    function (equal to the bit)."""
     x, g = _point_and_direction((2, 9, 3), torch.float32, off=0.0)
     g = 0.1 * g
     for retraction in ("qr", "cayley", "newton_schulz"):
@@ -258,6 +259,18 @@ def test_steps_without_a_fused_form_run_the_reference():
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         for t, r in zip(state, ref_state):
             torch.testing.assert_close(t, r, rtol=0, atol=0)
+    wide = K.MAX_FUSED_P + 1  # one column tile holds a whole row only up to MAX_FUSED_P columns
+    x, g = _point_and_direction((wide + 2, wide), torch.float32, off=0.0)
+    g = 0.01 * g
+    for fn, args, kw in ((K.landing_sgd_update, (None,), dict(lr=0.1, momentum=0.9)),
+                         (K.riemannian_sgd_update, (None,), dict(lr=0.1, momentum=0.9)),
+                         (K.landing_adam_update, (torch.zeros_like(x), torch.zeros_like(x)), dict(step=1, lr=0.1)),
+                         (K.riemannian_adam_update, (torch.zeros_like(x), torch.zeros_like(x)), dict(step=1, lr=0.1))):
+        ref_args = [None if a is None else a.clone() for a in args]
+        out = fn(x, g, *args, **kw)
+        ref = getattr(F, fn.__name__)(x, g, *ref_args, **kw)
+        for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+            torch.testing.assert_close(o, r, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("wide", [False, True])
@@ -325,11 +338,20 @@ def test_outside_interpreter_triton_on_cpu_is_a_clear_error_and_auto_falls_back(
             K.landing_field(x, x)
         except ValueError as e:
             print("ERR2", e)
+        state = (torch.zeros(6, 3), torch.zeros(6, 3))
+        for fn, args, kw in ((K.landing_sgd_update, (None,), dict(lr=0.1)),
+                             (K.riemannian_sgd_update, (None,), dict(lr=0.1)),
+                             (K.landing_adam_update, state, dict(step=1, lr=0.1)),
+                             (K.riemannian_adam_update, state, dict(step=1, lr=0.1))):
+            try:
+                fn(x, x, *args, **kw)
+            except ValueError as e:
+                print("ERR3", e)
         """
     )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("ERR1") and lines[1].startswith("ERR2"), res.stdout
+    assert [line[:4] for line in lines] == ["ERR1", "ERR2"] + ["ERR3"] * 4, res.stdout
     for line in lines:
         assert "need CUDA tensors" in line and "device 'cpu'" in line and "backend='auto'" in line
         assert "TRITON_INTERPRET=1" in line
