@@ -145,6 +145,14 @@ def test_nonfinite_skip_and_raise(cls, kw):
     assert torch.isfinite(x).all()
     assert opt.state[x]["nonfinite_skips"] == 1
     assert all(torch.isfinite(v).all() for v in opt.state[x].values() if isinstance(v, torch.Tensor))
+    state_y = {k: v.clone() for k, v in opt.state[y].items() if isinstance(v, torch.Tensor)}
+    y_before = y.detach().clone()
+    x.grad, y.grad = torch.randn(3, 10, 4), torch.full((10, 4), float("inf"))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(y.detach(), y_before)  # the whole parameter skipped: value, moments and step kept
+    for k, v in state_y.items():
+        assert torch.equal(opt.state[y][k], v), k
     opt2 = cls([x], nonfinite="raise", **kw)
     x.grad = g
     with pytest.raises(FloatingPointError):

@@ -333,7 +333,7 @@ class StiefelOptimizer:
         bad = _dist.agree(~(g.amax(dim=dims).isfinite() & g.amin(dim=dims).isfinite()), b.layout)
         skipped = None
         if bool(bad.any()):
-            skipped = self._nonfinite(group, b, bad)
+            skipped, untouched = self._nonfinite(group, b, bad)
             g = g.masked_fill(bad[:, None, None], 0.0)
         stacks = self._state_stacks(group, b)
         saved = None
@@ -344,6 +344,9 @@ class StiefelOptimizer:
             x_new[skipped] = x[skipped]
             for k, t in saved.items():
                 b.stacked(k, scalar=k in self._scalar_keys(group))[skipped] = t
+            for s in untouched:  # every matrix of the parameter skipped: its step count stays too
+                if "step" in s:
+                    s["step"] -= 1
         if b.master:
             x.copy_(x_new)
         b.scatter(x_new)
@@ -362,13 +365,15 @@ class StiefelOptimizer:
             RuntimeWarning,
             stacklevel=4,
         )
-        off = 0
+        off, whole = 0, []
         for s, k in zip(b.states, b.counts):
             n_bad = int(bad[off : off + k].sum())
             if n_bad:
                 s["nonfinite_skips"] = s.get("nonfinite_skips", 0) + n_bad
+            if n_bad == k:
+                whole.append(s)
             off += k
-        return idx
+        return idx, whole
 
     def _scalar_keys(self, group: dict) -> tuple[str, ...]:
         return self._SCALAR_KEYS if group.get("second_moment") == "scalar" else ()
