@@ -20,6 +20,12 @@ A 7B-like model (32 layers; q, k, v, o 4096→4096; gate, up 4096→11008; down 
 PoLAR/StelLA adapter on every projection stores both Stiefel factors tall (out×r and in×r), so
 fully_shard splits their long side: 352 matrices with n = 4096 and 96 with n = 11008.
 
+LoRA-RITE on the same model's LoRA pairs (A r×in, B out×r, 224 pairs), per pair and step: B split
+on its rows all-reduces 4 r×r Grams (its basis' two passes, its unmagnified gradient's Gram, the
+basis change of A's moments) — the count ``tests/test_distributed.py`` checks; A split on r
+(``fully_shard``'s default) is all-gathered with its gradient (2·r·in values); A split on ``in``
+(``shard_placement_fn``) all-reduces 4 r×r Grams like B.
+
 ``python -m benchmarks distributed [--quick] [--out results]`` writes ``distributed.json`` and
 ``distributed.md``.
 """
@@ -35,6 +41,9 @@ PS = (8, 32, 128)
 RANKS = (8, 64)
 TEMPORARIES = 6
 MODEL_MATRICES = {4096: 32 * 11, 11008: 32 * 3}
+#: (in, out) → LoRA pairs of the 7B-like model: q, k, v, o; gate, up; down.
+MODEL_PAIRS = {(4096, 4096): 32 * 4, (4096, 11008): 32 * 2, (11008, 4096): 32}
+RITE_GRAMS = 4  # r×r all-reduces per sharded factor and step
 
 
 def allreduce_message(p: int, optimizer: str) -> int:
@@ -62,6 +71,19 @@ def per_matrix(n: int, p: int, world: int) -> dict:
     }
 
 
+def rite_per_pair(n_in: int, n_out: int, r: int, world: int) -> dict:
+    """LoRA-RITE's bytes on the wire per rank for one pair and step under FSDP2."""
+    ring = 2 * (world - 1) / world
+    grams = RITE_GRAMS * r * r * ITEM
+    gathered = 2 * r * n_in * ITEM  # A and ∇A
+    return {
+        "in": n_in, "out": n_out, "r": r, "ranks": world,
+        "b_allreduce_msg_B": grams,
+        "a_gathered_wire_B": ring * grams + (world - 1) / world * gathered,
+        "a_on_in_wire_B": ring * 2 * grams,
+    }
+
+
 def _fmt(b: float) -> str:
     for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if b >= f:
@@ -85,8 +107,18 @@ def run(quick: bool, out: Path) -> dict:
                 "sharded_landing_wire_B": sum(r["sharded_landing_wire_B"] * k for r, k in mats),
                 "gather_wire_B": sum(r["gather_wire_B"] * k for r, k in mats),
             })
-    data = {"per_matrix": rows, "model_7b": model, "dtype_bytes": ITEM, "temporaries": TEMPORARIES,
-            "note": "computed from shapes (no timing)"}
+    rite = []
+    for w in RANKS:
+        for r in PS:
+            pairs = [(rite_per_pair(i, o, r, w), k) for (i, o), k in MODEL_PAIRS.items()]
+            rite.append({
+                "r": r, "ranks": w,
+                "b_allreduce_msg_B": pairs[0][0]["b_allreduce_msg_B"],
+                "a_gathered_wire_B": sum(q["a_gathered_wire_B"] * k for q, k in pairs),
+                "a_on_in_wire_B": sum(q["a_on_in_wire_B"] * k for q, k in pairs),
+            })
+    data = {"per_matrix": rows, "model_7b": model, "lora_rite_7b": rite, "dtype_bytes": ITEM,
+            "temporaries": TEMPORARIES, "note": "computed from shapes (no timing)"}
     write_json(out / "distributed.json", data)
     table = markdown_table([
         {"ranks": r["ranks"], "n": r["n"], "p": r["p"],
@@ -117,6 +149,20 @@ def run(quick: bool, out: Path) -> dict:
         "## 7B-like model, PoLAR/StelLA on every projection (352 matrices n = 4096, 96 with n = 11008)",
         "",
         model_table,
+        "",
+        "## LoRA-RITE on the same model's 224 LoRA pairs (A r×in, B out×r)",
+        "",
+        "B split on its rows all-reduces 4 r×r Grams per pair (the message below, independent of in, "
+        "out and W). A split on r (fully_shard's default) is all-gathered with its gradient; split on "
+        "in (shard_placement_fn) it all-reduces 4 r×r Grams like B.",
+        "",
+        markdown_table([
+            {"ranks": q["ranks"], "r": q["r"], "B: all-reduce msg / pair": _fmt(q["b_allreduce_msg_B"]),
+             "all pairs, A gathered: on wire / step / rank": _fmt(q["a_gathered_wire_B"]),
+             "all pairs, A on in: on wire / step / rank": _fmt(q["a_on_in_wire_B"]),
+             "ratio": f"{q['a_gathered_wire_B'] / q['a_on_in_wire_B']:.0f}×"}
+            for q in rite
+        ]),
         "",
         "Latency is not modelled: the sharded step issues a few all-reduces per bucket of equal-shape "
         "matrices (the bucket is one batched message), not per matrix.",

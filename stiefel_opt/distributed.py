@@ -22,6 +22,11 @@ then step on the local shards (``to_local()``), in one of three layouts per para
   the same result everywhere), and keeps the local rows: O(n·p) bytes per step, not O(p²).
 - ``local``: a leading (batch) dim is split — every rank owns whole matrices; no communication.
 
+The same layouts serve the ``riemannian(opt)``/``landing(opt)`` hooks (the inner optimizer steps
+the DTensors) and :class:`~stiefel_opt.optim.lora_rite.LoRARITE`, whose factors are laid out by
+their tall form (A r×in: ``rows`` when split on ``in``, ``gather`` when split on r; B out×r:
+``rows`` when split on ``out``); its Grams are r×r.
+
 Every rank must call ``step()`` (collectives); the non-finite check agrees over the shards (a
 B-flag all-reduce). :func:`count_communication` counts the bytes of the collectives issued here.
 """

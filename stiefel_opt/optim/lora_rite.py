@@ -73,6 +73,11 @@ class LoRARITE(torch.optim.Optimizer):
     and their optimizer state is kept in fp32. State per factor: the first moment (n×r, in the
     partner's basis), the r×r second moment, the escaped mass ρ, the partner's previous basis
     (n_partner×r) and the step count. Cost per pair O((in + out) r² + r³).
+
+    DDP: unchanged. FSDP2 (``fully_shard``): the pairs are DTensors and every rank must call
+    ``step()``. A factor split along its long side (B on dim 0, A on dim 1) steps on its rows with
+    four r×r Gram all-reduces per pair; one split along r (A on dim 0, ``fully_shard``'s default)
+    is all-gathered with its gradient, stepped whole on every rank and its moments kept whole.
     """
 
     def __init__(
