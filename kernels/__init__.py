@@ -229,9 +229,8 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
                                      safe_eps=safe_eps, scalar_v=scalar_v)
     core = _load()
     copy_back: list = []
-    m3 = _state_view(exp_avg, tall3, copy_back)
-    v3 = _state_view(exp_avg_sq, tall3, copy_back)
-    w3 = None if max_exp_avg_sq is None else _state_view(max_exp_avg_sq, tall3, copy_back)
+    m3, v3, w3 = (None if t is None else _state_view(t, tall3, copy_back)
+                  for t in (exp_avg, exp_avg_sq, max_exp_avg_sq))
     xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
     c1, c2 = F.landing_coefficients(xtx, gtx, 0.0)  # T = G·C1 + X·C2
     bc = _adam_bias(step, beta1, beta2, eps)
@@ -376,9 +375,8 @@ def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Te
                                         metric=metric, scalar_v=scalar_v)
     core = _load()
     copy_back: list = []
-    m3 = _state_view(exp_avg, tall3, copy_back)
-    v3 = _state_view(exp_avg_sq, tall3, copy_back)
-    w3 = None if max_exp_avg_sq is None else _state_view(max_exp_avg_sq, tall3, copy_back)
+    m3, v3, w3 = (None if t is None else _state_view(t, tall3, copy_back)
+                  for t in (exp_avg, exp_avg_sq, max_exp_avg_sq))
     xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
     c2 = _rgrad_coefficient(gtx, metric)
     bc = _adam_bias(step, beta1, beta2, eps)
