@@ -552,22 +552,35 @@ def rite_basis(y: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor]:
 def _rite_basis_gram(y: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
     """(U, R⁺) with Y = U R from Grams of Y only, for row shards (two all-reduces of r×r).
 
-    Pass 1: YᵀY = Q Λ Qᵀ, σ = √λ; R₁⁺ = Q Σ⁺ drops the directions with σ ≤ rtol·σ_max, and
-    U₁ = Y R₁⁺ has exactly zero columns there. Pass 2 (as in CholeskyQR2) removes the κ²ε loss of
-    orthogonality of pass 1: R₂ = chol(U₁ᵀU₁ + D)ᵀ with D = 1 on the dropped columns (which stay
-    zero), U = U₁ R₂⁻¹, R⁺ = R₁⁺ R₂⁻¹. A basis of the same column space as :func:`rite_basis`'s
-    Householder U (both give the same LoRA-RITE step: it depends on U only through that space).
-    A matrix whose pass-2 Cholesky fails (σ_min near the cut) keeps its pass-1 result.
+    Pass 1: YᵀY = Q Λ Qᵀ (σ = √λ, largest first); R₁⁺ = Q Σ⁺ drops the directions with
+    σ ≤ rtol·σ_max, and U₁ = Y R₁⁺ has exactly zero columns there. Pass 2 (as in CholeskyQR2)
+    removes the κ²ε loss of orthogonality of pass 1: R₂ = chol(U₁ᵀU₁ + D)ᵀ with D = 1 on the
+    dropped columns (which stay zero), U = U₁ R₂⁻¹, R⁺ = R₁⁺ R₂⁻¹. A kept column of U₁ has norm ≈ 1
+    unless its σ sat at the Gram's noise floor √ε·σ_max (the default rtol), where it is ≈ 0: a
+    pivot of R₂ below ½ (or a failed one) drops that direction too, then R₂ is recomputed from the
+    same Gram. U spans the column space of :func:`rite_basis`'s Householder U (the LoRA-RITE step
+    depends on U only through it). If the last Cholesky fails, pass 1's (U₁, R₁⁺) is returned.
     """
     lam, q = torch.linalg.eigh(gram(y, y))
+    lam, q = lam.flip(-1), q.flip(-1)
     sigma = lam.clamp_min(0.0).sqrt()
-    keep = sigma > rtol * sigma.amax(dim=-1, keepdim=True)
+    keep = sigma > rtol * sigma[..., :1]
     r1_pinv = q * torch.where(keep, 1.0 / torch.where(keep, sigma, 1.0), 0.0).unsqueeze(-2)
     u1 = y @ r1_pinv
-    g2 = gram(u1, u1) + torch.diag_embed((~keep).to(y.dtype))
-    r2, info = torch.linalg.cholesky_ex(g2, upper=True)
+    g2 = gram(u1, u1)
+    eye = torch.eye(g2.shape[-1], dtype=g2.dtype, device=g2.device).expand_as(g2)
+
+    def factor(keep):
+        return torch.linalg.cholesky_ex(torch.where(keep.unsqueeze(-1) & keep.unsqueeze(-2), g2, eye), upper=True)
+
+    r2, info = factor(keep)
+    done = torch.where(info > 0, info - 1, g2.shape[-1]).unsqueeze(-1)
+    cols = torch.arange(g2.shape[-1], device=g2.device)
+    keep = keep & (cols < done) & (r2.diagonal(dim1=-2, dim2=-1) >= 0.5)
+    r2, info = factor(keep)
+    mask = keep.unsqueeze(-2).to(y.dtype)
+    u1, r1_pinv = u1 * mask, r1_pinv * mask
     ok = (info == 0)[..., None, None]
-    eye = torch.eye(r2.shape[-1], dtype=r2.dtype, device=r2.device).expand_as(r2)
     r2_inv = torch.where(ok, torch.linalg.solve_triangular(torch.where(ok, r2, eye), eye, upper=True), eye)
     return u1 @ r2_inv, r1_pinv @ r2_inv
 

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stiefel_opt import functional as F
 from stiefel_opt.optim.lora_rite import LoRARITE
@@ -360,3 +362,44 @@ def test_basis_of_zero_factor_has_zero_pseudo_inverse():
     assert u.shape == (2, 8, 3) and torch.count_nonzero(r_pinv) == 0
     _, r_pinv = F.rite_basis(torch.randn(8, 3, dtype=torch.bfloat16))
     assert r_pinv.dtype == torch.float32
+
+
+class _OneShard:
+    """A row-sharded reduction over a single shard (the sum over shards is the local value)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def sum(self, t):
+        return t
+
+
+@given(r=st.integers(1, 4), data=st.data())
+def test_row_sharded_basis_spans_the_factor_like_householder(r, data):
+    """Under a row-sharded reduction rite_basis works from Grams (FSDP2): U has orthonormal columns
+    on the kept directions and zero columns on the dropped ones, Y R⁺ = U, U Uᵀ is the projector onto
+    range(Y) (what the Householder U gives), and the unmagnified-gradient Grams of the two bases have
+    the same spectrum — so the LoRA-RITE step is the same. Rank k ≤ r, including Y = 0."""
+    n = data.draw(st.integers(r, 12), label="n")
+    k = data.draw(st.integers(0, r), label="rank")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    scale = data.draw(st.sampled_from([1e-3, 1.0, 1e3]), label="scale")
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.float64
+    q1 = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=dt))[0][:, :k]
+    q2 = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=dt))[0][:, :k]
+    sigma = scale * (0.5 + 1.5 * torch.rand(k, generator=g, dtype=dt))
+    y = (q1 * sigma) @ q2.T
+    grad = torch.randn(n + 2, r, generator=g, dtype=dt)
+    with F._row_reduction(_OneShard(n)):
+        u, r_pinv = F.rite_basis(y)
+    u_h, r_pinv_h = F.rite_basis(y)
+    eye_k = torch.diag((u.norm(dim=0) > 0.5).to(dt))
+    assert int(eye_k.trace()) == k
+    assert torch.allclose(u.T @ u, eye_k, atol=1e-12)
+    assert torch.allclose(y @ r_pinv, u, atol=1e-12)
+    assert torch.allclose(u @ u.T, q1 @ q1.T, atol=1e-10)
+    assert torch.allclose(u_h @ (u_h.T @ y), y, atol=1e-10 * scale)
+    lam = torch.linalg.eigvalsh(F.rite_unmagnified_gram(grad, r_pinv))
+    lam_h = torch.linalg.eigvalsh(F.rite_unmagnified_gram(grad, r_pinv_h))
+    assert torch.allclose(lam, lam_h, rtol=1e-8, atol=1e-10 * float(lam_h.abs().max().clamp_min(1)))
