@@ -189,15 +189,25 @@ class _Bucket:
         mshape = (1, 1) if scalar else self.mshape
         return torch.zeros((self.size, *mshape), dtype=self.cdtype, device=self.params[0].device)
 
+    def _plain(self, tensors: list[Tensor]) -> bool:
+        """Every tensor is one matrix (the common case: stack and unbind, no reshapes)."""
+        return all(t.dim() == 2 for t in tensors)
+
     def gather(self, tensors: list[Tensor]) -> Tensor:
         """(B, *mshape) stack of the matrices of ``tensors`` (parameters or gradients) in cdtype."""
-        mats = [t.reshape(-1, *self.mshape) for t in tensors]
-        if len(mats) == 1:
-            return mats[0].to(self.cdtype)
-        return torch.cat(mats).to(self.cdtype) if mats[0].dtype != self.cdtype else torch.cat(mats)
+        if len(tensors) == 1:
+            return tensors[0].reshape(-1, *self.mshape).to(self.cdtype)
+        if self._plain(tensors):
+            stack = torch.stack(tensors)
+        else:
+            stack = torch.cat([t.reshape(-1, *self.mshape) for t in tensors])
+        return stack.to(self.cdtype)
 
     def scatter(self, stack: Tensor) -> None:
         """Copy the stack back into the parameters (cast to their dtype)."""
+        if self._plain(self.params):
+            torch._foreach_copy_(self.params, stack.unbind(0))
+            return
         chunks = stack.split(self.counts)
         torch._foreach_copy_(self.params, [c.reshape(p.shape) for c, p in zip(chunks, self.params)])
 
