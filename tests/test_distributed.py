@@ -11,6 +11,7 @@ import copy
 import os
 import pickle
 import socket
+import warnings
 
 import pytest
 import torch
@@ -293,6 +294,27 @@ def _worker(rank: int, port: int, out: str):
         res["rite_comm"] = {(n, a_dim): _rite_comm_per_step(mesh, tally, n, a_dim)
                             for n in (16, 64) for a_dim in (0, 1)}
 
+        # a non-finite gradient in rank 0's shard only: every rank skips the pair / the matrix
+        skips = {
+            "LoRARITE": (_rite, "lora_B.weight", ("lora_A.weight", "lora_B.weight")),
+            "landing(Adam)": (lambda m: CONFIGS["landing(Adam)"](_groups(m)), "tall.weight", ("tall.weight",)),
+        }
+        res["nonfinite"] = {}
+        for name, (make, poisoned, kept) in skips.items():
+            net = _fsdp(_net(), mesh)
+            opt = make(net)
+            x, y = data[0]
+            ((net(x[4 * rank: 4 * rank + 4]) - y[4 * rank: 4 * rank + 4]) ** 2).sum().backward()
+            if rank == 0:
+                dict(net.named_parameters())[poisoned].grad.to_local()[0, 0] = float("nan")
+            before = _full(net)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+            after = _full(net)
+            res["nonfinite"][name] = (all(torch.equal(before[k], after[k]) for k in kept),
+                                      any(issubclass(w.category, RuntimeWarning) for w in caught))
+
         # a retraction that needs the whole matrix: a clear error naming the parameter
         canonical_exp = {
             "exp_error": lambda ps: RiemannianSGD(ps, lr=0.1),
@@ -363,6 +385,12 @@ def test_bytes_per_step_are_O_p_squared(results, name):
     # a few p×p Grams per matrix, plus per-matrix scalars (norms, non-finite flags)
     assert 0 < small["patched"]["all_reduce"] <= batch * (6 * p * p + 4) * itemsize
     assert small["counted"] == small["patched"]["all_reduce"]
+
+
+@pytest.mark.parametrize("name", ["LoRARITE", "landing(Adam)"])
+def test_nonfinite_shard_skips_on_every_rank(results, name):
+    unchanged, warned = results["nonfinite"][name]
+    assert unchanged and warned
 
 
 def test_lora_rite_bytes_per_step(results):
