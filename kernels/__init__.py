@@ -299,18 +299,6 @@ def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, m
     return out, buf
 
 
-def _rgrad_coefficient(gtx: Tensor, metric: str) -> Tensor:
-    """C with rgrad(X, G) = G + X·C: −sym(XᵀG) (euclidean, :func:`~stiefel_opt.functional.proj_tangent`)
-    or −GᵀX (canonical, :func:`~stiefel_opt.functional.canonical_rgrad`)."""
-    return -(F.sym(gtx) if metric == "euclidean" else gtx)
-
-
-def _transport_coefficient(k: Tensor, ytm: Tensor) -> Tensor:
-    """J with P_{X⁺}(M) = M − Y·J for X⁺ = Y·K, from YᵀM: J = K·sym(KᵀYᵀM)
-    (:func:`~stiefel_opt.functional.proj_tangent` at X⁺)."""
-    return k @ F.sym(k.mT @ ytm)
-
-
 def _fused_polar(retraction: str, metric: str, p: int) -> bool:
     """Whether a Riemannian step runs fused: polar retraction, a known metric and at most
     :data:`MAX_FUSED_P` columns (anything else runs, or is rejected by, the torch reference)."""
@@ -337,20 +325,14 @@ def riemannian_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float
     first = buf is None
     m3, buf = _momentum_buffer(buf, momentum, x, tall3, copy_back)
     _, gtx = core.gram(x3, g3, core.MODE_X_G)
-    c2 = _rgrad_coefficient(gtx, metric)
+    c2 = F.rgrad_coefficient(gtx, metric)
     sgd = dict(momentum=momentum, nesterov=nesterov, lr=lr)
     yy, ym = _steps.pass_b(_steps.RIEMANNIAN_SGD, g3, x3, None, c2, m3, dampening=dampening, first=first, **sgd)
     k = F.polar_coefficients(yy)
-    plan = (k, _transport_coefficient(k, ym) if m3 is not None else k)
+    plan = (k, F.transport_coefficient(k, ym) if m3 is not None else k)
     _steps.pass_c(_steps.RIEMANNIAN_SGD, g3, x3, None, c2, m3, None, plan, tall3(out), **sgd)
     _write_back(copy_back)
     return out, buf
-
-
-def _combo_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb: Tensor) -> Tensor:
-    """(A·C_A + B·C_B)ᵀ(A·C_A + B·C_B) from the Grams AᵀA, BᵀA, BᵀB."""
-    cross = c_b.mT @ ba @ c_a
-    return c_a.mT @ aa @ c_a + cross + cross.mT + c_b.mT @ bb @ c_b
 
 
 def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -378,14 +360,14 @@ def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Te
     m3, v3, w3 = (None if t is None else _state_view(t, tall3, copy_back)
                   for t in (exp_avg, exp_avg_sq, max_exp_avg_sq))
     xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
-    c2 = _rgrad_coefficient(gtx, metric)
+    c2 = F.rgrad_coefficient(gtx, metric)
     bc = _adam_bias(step, beta1, beta2, eps)
     dtx, dd, mtx, mtd = _steps.pass_b(_steps.RIEMANNIAN_ADAM, g3, x3, None, c2, m3, v3, w3,
                                       beta1=beta1, beta2=beta2, **bc)
     eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
     b_x, b_d = eye + lr * F.sym(dtx), -lr * eye  # Y = X·B_X + D·B_D
-    k = F.polar_coefficients(_combo_gram(b_x, b_d, xtx, dtx, dd))
-    j = _transport_coefficient(k, b_x.mT @ mtx.mT + b_d.mT @ mtd.mT)  # from YᵀM
+    k = F.polar_coefficients(F.combination_gram(b_x, b_d, xtx, dtx, dd))
+    j = F.transport_coefficient(k, b_x.mT @ mtx.mT + b_d.mT @ mtd.mT)  # from YᵀM
     plan = (b_x @ k, b_d @ k, -b_x @ j, -b_d @ j)  # X⁺ = Y·K, P_{X⁺}(M) = M − Y·J
     _steps.pass_c(_steps.RIEMANNIAN_ADAM, g3, x3, None, c2, m3, v3 if w3 is None else w3, plan,
                   tall3(out), **bc)

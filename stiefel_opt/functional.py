@@ -45,6 +45,9 @@ __all__ = [
     "landing_coefficients",
     "polar_coefficients",
     "frobenius_from_gram",
+    "combination_gram",
+    "rgrad_coefficient",
+    "transport_coefficient",
     "random_point",
     "gram",
     "cholesky_qr",
@@ -465,6 +468,27 @@ def polar_coefficients(gram: Tensor) -> Tensor:
     """
     m = _inv_sqrt_psd(gram)
     return m @ (1.5 * _eye_like(gram) - 0.5 * (m @ gram @ m))
+
+
+def combination_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb: Tensor) -> Tensor:
+    """(A·C_A + B·C_B)ᵀ(A·C_A + B·C_B) from p×p matrices only, given the Grams AᵀA, BᵀA, BᵀB:
+    C_AᵀAᵀA C_A + C_BᵀBᵀA C_A + (…)ᵀ + C_BᵀBᵀB C_B. For fused kernels (e.g. YᵀY of Y = X·A + D·B)."""
+    cross = c_b.transpose(-1, -2) @ ba @ c_a
+    return c_a.transpose(-1, -2) @ aa @ c_a + cross + cross.transpose(-1, -2) + c_b.transpose(-1, -2) @ bb @ c_b
+
+
+def rgrad_coefficient(gtx: Tensor, metric: str = "euclidean") -> Tensor:
+    """p×p C with rgrad(X, G) = G + X·C from GᵀX: −sym(GᵀX) (euclidean, :func:`proj_tangent`) or
+    −GᵀX (canonical, :func:`canonical_rgrad`)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return -(sym(gtx) if metric == "euclidean" else gtx)
+
+
+def transport_coefficient(k: Tensor, ytm: Tensor) -> Tensor:
+    """p×p J with P_{X⁺}(M) = M − Y·J for X⁺ = Y·K, from YᵀM: J = K·sym(KᵀYᵀM)
+    (:func:`proj_tangent` at X⁺, written on p×p matrices)."""
+    return k @ sym(k.transpose(-1, -2) @ ytm)
 
 
 def frobenius_from_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb: Tensor) -> Tensor:

@@ -297,3 +297,25 @@ def test_brockett_pca_by_riemannian_gradient_descent():
     value = torch.trace(x.mT @ a @ x)
     assert abs(float(value - optimum)) / float(optimum) <= 1e-5
     assert F.distance(x) <= 1e-10
+
+
+@given(shape=shapes(min_side=1, max_side=9), metric=st.sampled_from(F.METRICS), seed=st.integers(0, 2**16))
+def test_pxp_plans_equal_the_direct_computation(shape, metric, seed):
+    """The p×p formulas the fused kernels use (from Grams only) equal the n×p computation."""
+    gen = torch.Generator().manual_seed(seed)
+    *batch, n, p = shape
+    n = max(n, p)
+    x = F.random_point(*batch, n, p, generator=gen, dtype=torch.float64)
+    d, m = (torch.randn(*batch, n, p, generator=gen, dtype=torch.float64) for _ in range(2))
+    c_a, c_b = (torch.randn(*batch, p, p, generator=gen, dtype=torch.float64) for _ in range(2))
+    close = dict(rtol=1e-9, atol=1e-9)
+    y = x @ c_a + d @ c_b
+    grams = (x.mT @ x, d.mT @ x, d.mT @ d)
+    torch.testing.assert_close(F.combination_gram(c_a, c_b, *grams), y.mT @ y, **close)
+    torch.testing.assert_close(F.frobenius_from_gram(c_a, c_b, *grams), torch.linalg.matrix_norm(y), **close)
+    torch.testing.assert_close(d + x @ F.rgrad_coefficient(d.mT @ x, metric), F.egrad2rgrad(x, d, metric), **close)
+    step = x + 0.3 * d / torch.linalg.matrix_norm(d, ord=2)[..., None, None]  # well conditioned
+    k = F.polar_coefficients(step.mT @ step)
+    torch.testing.assert_close(step @ k, F.project(step), **close)
+    torch.testing.assert_close(m - step @ F.transport_coefficient(k, step.mT @ m),
+                               F.proj_tangent(step @ k, m), **close)
