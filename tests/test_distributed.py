@@ -7,7 +7,6 @@ measurements to a file and the tests below assert on them.
 """
 from __future__ import annotations
 
-import copy
 import os
 import pickle
 import socket

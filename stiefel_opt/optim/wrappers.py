@@ -55,7 +55,8 @@ def _buckets(optimizer, wrap: "_Wrap") -> dict:
                 continue
             met = wrap.metric or m.metric
             method = (wrap.retraction or m.retraction) if wrap.kind == "riemannian" else None
-            x, g, layout = _dist.local_parts(p, Stiefel(met, m.retraction, m.ndim), optimizer, group, method)
+            checked = m if met == m.metric else Stiefel(met, m.retraction, m.ndim)  # what local_parts checks
+            x, g, layout = _dist.local_parts(p, checked, optimizer, group, method)
             mshape = tuple(m.to_matrix(x).shape[-2:])
             key = (mshape, p.dtype, p.device, met, method, m.ndim, layout)
             ps, xs, gs = out.setdefault(key, ([], [], []))
