@@ -327,11 +327,11 @@ class LoRARITE(torch.optim.Optimizer):
     def _stack(parts: list[tuple], layout, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
         """(factors, gradients) of a bucket side as stacks of their local shards (the whole
         factors for a ``gather`` layout: one all-gather of both), in the factor's own layout."""
-        xs = torch.stack([t for t, _, _ in parts])
-        gs = torch.stack([torch.zeros_like(t) if g is None else g for t, g, _ in parts])
-        both = torch.stack([xs, gs]).to(cdt)
-        if layout is not None and layout.mode == "gather":
-            both = _dist.gather(both, layout)
+        xs = torch.stack([t for t, _, _ in parts]).to(cdt)
+        gs = torch.stack([torch.zeros_like(t) if g is None else g for t, g, _ in parts]).to(cdt)
+        if layout is None or layout.mode != "gather":
+            return xs, gs
+        both = _dist.gather(torch.stack([xs, gs]), layout)
         return both[0], both[1]
 
     def _prepare(self, group: dict, items: list[tuple]) -> dict:
