@@ -273,7 +273,7 @@ def test_landing_wrapper_rejects_weight_decay_on_stiefel_group():
         landing(torch.optim.AdamW([x], lr=0.1))
 
 
-def test_hf_trainer_accepts_optimizers():
+def test_hf_trainer_accepts_optimizers(tmp_path):
     transformers = pytest.importorskip("transformers")
     from torch.utils.data import Dataset
 
@@ -292,7 +292,7 @@ def test_hf_trainer_accepts_optimizers():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for how in ("cls_and_kwargs", "optimizers"):
-            args = transformers.TrainingArguments(output_dir="/tmp/_so_trainer", max_steps=2, per_device_train_batch_size=4,
+            args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
                                                   report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no")
             kwargs = {}
             if how == "optimizers":
