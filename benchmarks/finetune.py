@@ -165,6 +165,10 @@ METHODS = {
     "SymLoRA+LandingAdam": Method("SymLoRA+LandingAdam", "symlora", "landing_adam", 1e-3),
 }
 DEMO_METHODS = ("LoRA+AdamW", "PoLAR+LandingAdam", "StelLA+riemannian(AdamW)")
+# not in the default grid; name them in ``Setting.methods`` to run them (e.g. a λ check of landing)
+VARIANTS = {
+    "PoLAR+LandingAdam λ=10": Method("PoLAR+LandingAdam λ=10", "polar", "landing_adam", 1e-3, lam=10.0),
+}
 
 
 def _adapted(model, top: int) -> str:
@@ -303,7 +307,7 @@ def run(quick: bool = False, out: Path = Path("results/finetune"), setting: Sett
     for seed in setting.seeds:
         for r in setting.ranks:
             for name in setting.methods:
-                run = train_one(METHODS[name], model, train, test, len(classes), r, setting.top,
+                run = train_one({**METHODS, **VARIANTS}[name], model, train, test, len(classes), r, setting.top,
                                 setting.steps, setting.batch_size, seed, setting.log_every)
                 results[f"{name} r={r}"]["runs"].append(run)
                 rows = _write_reports(out, setting, results, classes, len(train), len(test),
