@@ -4,8 +4,8 @@ on FSDP2 row shards (p×p all-reduces, ``stiefel_opt.distributed``) vs gather-th
 Computed from shapes, nothing is timed. fp32 (4-byte) parameters, gradients and moments; W ranks
 hold n/W rows each. Per matrix and step:
 
-- sharded landing (LandingAdam): all-reduce of 3 p×p Grams (XᵀX, GᵀX, DᵀX), one ‖Λ‖²_F scalar and
-  a non-finite flag byte — the count checked by ``tests/test_distributed.py`` with a patched
+- sharded landing (LandingAdam): all-reduce of 4 p×p Grams (Xᵀ[X G] as one p×2p message, then
+  DᵀX and DᵀD, from which ‖Λ‖_F follows) and a non-finite flag byte — the count checked by ``tests/test_distributed.py`` with a patched
   ``dist.all_reduce``. Sharded RiemannianAdam (polar): 5 p×p Grams (two tangent projections, the
   polar Gram, its Newton–Schulz refinement, the transport) and the flag.
 - gather-then-retract: all-gather X and G (n×p each) so every rank steps the whole matrix, then
@@ -49,7 +49,7 @@ RITE_GRAMS = 4  # r×r all-reduces per sharded factor and step
 def allreduce_message(p: int, optimizer: str) -> int:
     """Bytes all-reduced per matrix and step on row shards."""
     if optimizer == "landing_adam":
-        return 3 * p * p * ITEM + ITEM + 1
+        return 4 * p * p * ITEM + 1
     if optimizer == "riemannian_adam_polar":
         return 5 * p * p * ITEM + 1
     raise ValueError(f"allreduce_message: unknown optimizer {optimizer!r}")
@@ -141,7 +141,7 @@ def run(quick: bool, out: Path) -> dict:
         "# Distributed Stiefel step: sharded landing vs gather-then-retract (on paper)",
         "",
         "Computed from shapes by `benchmarks/distributed.py`; nothing here was measured. fp32, one n×p "
-        "matrix row-sharded over W ranks. Sharded landing all-reduces 3 p×p Grams, one scalar and a "
+        "matrix row-sharded over W ranks. Sharded landing all-reduces 4 p×p Grams and a "
         "flag per matrix (independent of n and W); gather-then-retract all-gathers X and G.",
         "",
         table,
