@@ -3,7 +3,9 @@
 For each mix (count × (n × p)) the step of every optimizer of the package is timed on Stiefel
 parameters, next to ``torch.optim.Adam(foreach=True)`` on unconstrained parameters of the same
 shapes and geoopt's ``RiemannianAdam`` on the same Stiefel matrices (EuclideanStiefel, QR).
-Gradients are fixed; ``step()`` alone is timed (median over repeats). Reported: ms per step,
+Gradients are fixed; ``step()`` alone is timed (median over repeats, the optimizers of a mix stepping
+in turn, round-robin, so that drift of the machine hits them alike; the first steps, which compile
+for ``compile=True``, are warm-up). Reported: ms per step,
 ratio to torch Adam, speed-up over geoopt, optimizer-state bytes, and the peak memory of a step
 (CUDA only: on CPU torch has no allocator statistics, so the column reads "n/a (CPU)").
 
@@ -44,6 +46,7 @@ def _optimizers():
         "RiemannianAdam": lambda ps: RiemannianAdam(ps, lr=1e-3),
         "LandingSGD (momentum 0.9)": lambda ps: LandingSGD(ps, lr=1e-3, momentum=0.9),
         "LandingAdam": lambda ps: LandingAdam(ps, lr=1e-3),
+        "LandingAdam (compile=True)": lambda ps: LandingAdam(ps, lr=1e-3, compile=True),
         "riemannian(AdamW)": lambda ps: riemannian(torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
         "landing(Adam)": lambda ps: landing(torch.optim.Adam(ps, lr=1e-3, foreach=True)),
     }
@@ -86,22 +89,15 @@ def _state_bytes(opt) -> int:
     return total
 
 
-def _time(opt, device, warmup, repeats) -> tuple[float, float | None]:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        opt.step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        opt.step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    times.sort()
-    return 1e3 * times[len(times) // 2], peak
+def _peak_mib(opt, device) -> float | None:
+    """Peak allocated MiB during one more ``step()`` (CUDA only: on CPU torch keeps no allocator statistics)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    opt.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def run(quick: bool = False, out: Path = Path("results/steptime")) -> dict:
@@ -111,12 +107,12 @@ def run(quick: bool = False, out: Path = Path("results/steptime")) -> dict:
     warmup, repeats = (1, 5) if quick else (5, 30)
     makers = _optimizers()
     rows, results = [], {}
-    jobs = [(mix, name) for mix in MIXES for name in makers]
-    for (count, n, p), name in progress(jobs, desc="steptime"):
+    for count, n, p in progress(MIXES, desc="steptime"):
         mix = f"{count}×({n}×{p})"
-        opt = _make(name, count, n, p, device)
-        ms, peak = _time(opt, device, warmup, repeats)
-        results.setdefault(mix, {})[name] = {"ms": ms, "state_MiB": _state_bytes(opt) / 2**20, "peak_MiB": peak}
+        opts = {name: _make(name, count, n, p, device) for name in makers}
+        ms = _time_round_robin(opts, device, warmup, repeats)
+        results[mix] = {name: {"ms": ms[name], "state_MiB": _state_bytes(opt) / 2**20,
+                               "peak_MiB": _peak_mib(opt, device)} for name, opt in opts.items()}
     for mix, res in results.items():
         base = res["torch Adam (foreach, unconstrained)"]["ms"]
         geo = res["geoopt RiemannianAdam"]["ms"]
