@@ -707,20 +707,17 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor, scale: float, *, lr: float, lam: fl
           safe_eps: float) -> Tensor:
     """X⁺ = X − ηΛ for Λ = R(sU) + λX(XᵀX − I), R(V) = ½(V·XᵀX − X·VᵀX), s = ``scale``.
 
-    Λ = (sU)·C_U + X·C_X (:func:`landing_coefficients`); ‖Λ‖_F from the Gram Uᵀ[X U]
+    Λ = (sU)·C_U + X·C_X (:func:`landing_coefficients`); ‖Λ‖_F from the Grams UᵀX, UᵀU
     (:func:`frobenius_from_gram`); the per-matrix η = min(lr, η*(‖XᵀX − I‖_F, ‖Λ‖_F))
-    (:func:`safe_step`); X⁺ = [X U]·[I − ηC_X ; −ηsC_U]. O(np²): Λ is never formed.
+    (:func:`safe_step`); X⁺ = X(I − ηC_X) − U(ηsC_U). O(np²): Λ is never formed.
     ⟨R(V), X(XᵀX − I)⟩ = 0 for any V, which keeps the safe-step bound valid."""
-    p = x.shape[-1]
-    xu = torch.cat([x, u], dim=-1)
-    s = gram(u, xu)
-    utx = scale * s[..., :p]
+    utx = scale * gram(u, x)
     c_u, c_x = landing_coefficients(xtx, utx, lam)
     eye = _eye_like(xtx)
     dist = torch.linalg.matrix_norm(xtx - eye)
-    a = frobenius_from_gram(c_u, c_x, (scale * scale) * s[..., p:], utx.transpose(-1, -2), xtx)
+    a = frobenius_from_gram(c_u, c_x, (scale * scale) * gram(u, u), utx.transpose(-1, -2), xtx)
     eta = safe_step(dist, a, lam, safe_eps).clamp_max(lr)[..., None, None]
-    return xu @ torch.cat([eye - eta * c_x, (-scale * eta) * c_u], dim=-2)
+    return (x @ (eye - eta * c_x)).sub_(u @ ((scale * eta) * c_u))
 
 
 @_tall(2)
