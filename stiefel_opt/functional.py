@@ -425,11 +425,16 @@ def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
     One Gram product Xᵀ[X G] gives XᵀX and XᵀG (p×p); Λ = [X G]·C with the 2p×p matrix
     C = [λ(XᵀX − I) − ½GᵀX ; ½XᵀX] (:func:`landing_coefficients`). G Xᵀ (n×n) is never formed.
     """
+    return _field_and_gram(x, g, lam)[0]
+
+
+def _field_and_gram(x: Tensor, g: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """(Λ, XᵀX) for the tall landing field of :func:`landing_field` (λ = 0: the tangent term T)."""
     p = x.shape[-1]
     xg = torch.cat([x, g], dim=-1)
     s = gram(x, xg)
     c_g, c_x = landing_coefficients(s[..., :p], s[..., p:].transpose(-1, -2), lam)
-    return xg @ torch.cat([c_x, c_g], dim=-2)
+    return xg @ torch.cat([c_x, c_g], dim=-2), s[..., :p]
 
 
 def safe_step(d: Tensor, a: Tensor, lam: float, eps: float = 0.5) -> Tensor:
@@ -492,15 +497,12 @@ def transport_coefficient(k: Tensor, ytm: Tensor) -> Tensor:
 
 
 def frobenius_from_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb: Tensor) -> Tensor:
-    """‖A·C_A + B·C_B‖_F from p×p matrices only, given the Grams AᵀA, BᵀA, BᵀB:
-    √max(tr(C_AᵀAᵀA C_A) + 2 tr(C_AᵀAᵀB C_B) + tr(C_BᵀBᵀB C_B), 0), one value per matrix.
-
-    For fused kernels: the norm of a field such as Λ = D·C_D + X·C_X without a pass over it.
+    """‖A·C_A + B·C_B‖_F = √tr(:func:`combination_gram`) from p×p matrices only (clamped at 0
+    against rounding), one value per matrix: the norm of a field such as Λ = D·C_D + X·C_X without
+    a pass over it.
     """
-    sq = (c_a * (aa @ c_a)).sum((-2, -1))
-    sq = sq + 2.0 * (c_a * (ba.transpose(-1, -2) @ c_b)).sum((-2, -1))
-    sq = sq + (c_b * (bb @ c_b)).sum((-2, -1))
-    return sq.clamp_min(0.0).sqrt()
+    m = combination_gram(c_a, c_b, aa, ba, bb)
+    return (m * _eye_like(m)).sum((-2, -1)).clamp_min(0.0).sqrt()
 
 
 def random_point(*shape: int, dtype: torch.dtype | None = None, device=None, generator=None) -> Tensor:
@@ -694,15 +696,6 @@ def _tall_all(x: Tensor, *others: Tensor | None) -> tuple[bool, list[Tensor | No
     return wide, ([_mT(a) for a in mats] if wide else mats)
 
 
-def _tangent_and_gram(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """(T, XᵀX) with T = ½(G·XᵀX − X·GᵀX) = R(G): one Gram Xᵀ[X G] and one product [X G]·C."""
-    p = x.shape[-1]
-    xg = torch.cat([x, g], dim=-1)
-    s = gram(x, xg)
-    xtx, xtg = s[..., :p], s[..., p:]
-    return xg @ torch.cat([-0.5 * xtg.transpose(-1, -2), 0.5 * xtx], dim=-2), xtx
-
-
 def _land(x: Tensor, u: Tensor, xtx: Tensor, scale: float, *, lr: float, lam: float,
           safe_eps: float) -> Tensor:
     """X⁺ = X − ηΛ for Λ = R(sU) + λX(XᵀX − I), R(V) = ½(V·XᵀX − X·VᵀX), s = ``scale``.
@@ -723,7 +716,7 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor, scale: float, *, lr: float, lam: fl
 @_tall(2)
 def relative_tangent(x: Tensor, g: Tensor) -> Tensor:
     """Tangent term of the landing field T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ) X (n×n never formed)."""
-    return _tangent_and_gram(x, g)[0]
+    return _field_and_gram(x, g, 0.0)[0]
 
 
 def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, t: Tensor,
@@ -805,7 +798,7 @@ def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, m
     at earlier points, and Λ vanishes at critical points where T = 0); X⁺ = X − ηΛ with the
     per-matrix η = min(lr, η*) of :func:`safe_step`. O(np²): only p×p Grams. Returns (X⁺, buf)."""
     wide, (x, g, buf_t) = _tall_all(x, g, buf)
-    t, xtx = _tangent_and_gram(x, g)
+    t, xtx = _field_and_gram(x, g, 0.0)
     d, buf_t = _momentum(t, buf_t, momentum, dampening, nesterov)
     # Λ = R(G) + R(D − T) + λX(XᵀX − I) = R(G + D − T) + λX(XᵀX − I): R is linear
     u = (d - t).add_(g) if momentum else g
@@ -826,7 +819,7 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     same relative form, Λ = ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I); X⁺ = X − ηΛ with the per-matrix
     η = min(lr, η*) of :func:`safe_step`. O(np²)."""
     wide, (x, g, exp_avg, exp_avg_sq, max_exp_avg_sq) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq)
-    t, xtx = _tangent_and_gram(x, g)
+    t, xtx = _field_and_gram(x, g, 0.0)
     d, scale = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, t, step, beta1, beta2, eps, scalar_v)
     x_new = _land(x, d, xtx, scale, lr=lr, lam=lam, safe_eps=safe_eps)
     return _mT(x_new) if wide else x_new
