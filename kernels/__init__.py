@@ -198,18 +198,6 @@ def _write_back(copy_back: list) -> None:
             t.copy_(v.reshape(t.shape))
 
 
-def _landing_plan(xtx: Tensor, c_x: Tensor, c_a: Tensor, aa: Tensor, xta: Tensor, *, lr: float,
-                  lam: float, safe_eps: float) -> tuple[Tensor, Tensor]:
-    """p×p phase of a landing step: with Λ = A·C_A + X·C_X and the Grams AᵀA, XᵀA, d = ‖XᵀX − I‖_F,
-    a = ‖Λ‖_F, η = min(lr, safe_step(d, a)); returns the coefficients of X⁺ = X − ηΛ =
-    X·(I − ηC_X) + A·(−ηC_A)."""
-    eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
-    dist = torch.linalg.matrix_norm(xtx - eye)
-    a = F.frobenius_from_gram(c_a, c_x, aa, xta, xtx)
-    eta = F.safe_step(dist, a, lam, safe_eps).clamp_max(lr)[..., None, None]
-    return eye - eta * c_x, -eta * c_a
-
-
 def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                         max_exp_avg_sq: Tensor | None = None, *, step: int, lr: float,
                         beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, lam: float = 1.0,
@@ -236,7 +224,7 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     bc = _adam_bias(step, beta1, beta2, eps)
     dtx, dd = _steps.pass_b(_steps.LANDING_ADAM, g3, x3, c1, c2, m3, v3, w3, beta1=beta1, beta2=beta2, **bc)
     c_d, c_x = F.landing_coefficients(xtx, dtx, lam)
-    plan = _landing_plan(xtx, c_x, c_d, dd, dtx.mT, lr=lr, lam=lam, safe_eps=safe_eps)
+    plan = F.landing_plan(xtx, c_d, c_x, dd, dtx.mT, lr=lr, lam=lam, safe_eps=safe_eps)
     _steps.pass_c(_steps.LANDING_ADAM, g3, x3, c1, c2, m3, v3 if w3 is None else w3, plan, tall3(out), **bc)
     _write_back(copy_back)
     return out
@@ -251,7 +239,8 @@ def _matrix_state(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | 
 
 
 def _adam_bias(step: int, beta1: float, beta2: float, eps: float) -> dict:
-    return dict(bc1=1.0 - beta1**step, bc2_sqrt=(1.0 - beta2**step) ** 0.5, eps=eps)
+    bc1, bc2_sqrt = F.adam_bias_corrections(step, beta1, beta2)
+    return dict(bc1=bc1, bc2_sqrt=bc2_sqrt, eps=eps)
 
 
 def _momentum_buffer(buf: Tensor | None, momentum: float, x: Tensor, tall3: Callable[[Tensor], Tensor],
@@ -293,7 +282,7 @@ def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, m
                                  first=first, **sgd)
     _, c_x = F.landing_coefficients(xtx, utx, lam)
     eye = torch.eye(xtx.shape[-1], dtype=xtx.dtype, device=xtx.device)
-    plan = _landing_plan(xtx, c_x, eye, zz, ztx.mT, lr=lr, lam=lam, safe_eps=safe_eps)
+    plan = F.landing_plan(xtx, eye, c_x, zz, ztx.mT, lr=lr, lam=lam, safe_eps=safe_eps)
     _steps.pass_c(_steps.LANDING_SGD, g3, x3, c1, c2, m3, None, plan, tall3(out), **sgd)
     _write_back(copy_back)
     return out, buf

@@ -46,6 +46,8 @@ __all__ = [
     "polar_coefficients",
     "frobenius_from_gram",
     "combination_gram",
+    "landing_plan",
+    "adam_bias_corrections",
     "rgrad_coefficient",
     "transport_coefficient",
     "random_point",
@@ -482,6 +484,23 @@ def combination_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb: Tenso
     return c_a.transpose(-1, -2) @ aa @ c_a + cross + cross.transpose(-1, -2) + c_b.transpose(-1, -2) @ bb @ c_b
 
 
+def landing_plan(xtx: Tensor, c_a: Tensor, c_x: Tensor, aa: Tensor, xta: Tensor, *, lr: float,
+                 lam: float, safe_eps: float) -> tuple[Tensor, Tensor]:
+    """p×p (K_X, K_A) with X⁺ = X − ηΛ = X·K_X + A·K_A for Λ = A·C_A + X·C_X, from the Grams XᵀX,
+    AᵀA, XᵀA: d = ‖XᵀX − I‖_F, a = ‖Λ‖_F (:func:`frobenius_from_gram`), the per-matrix
+    η = min(lr, η*(d, a)) of :func:`safe_step`; K_X = I − ηC_X, K_A = −ηC_A."""
+    eye = _eye_like(xtx)
+    dist = torch.linalg.matrix_norm(xtx - eye)
+    a = frobenius_from_gram(c_a, c_x, aa, xta, xtx)
+    eta = safe_step(dist, a, lam, safe_eps).clamp_max(lr)[..., None, None]
+    return eye - eta * c_x, -eta * c_a
+
+
+def adam_bias_corrections(step, beta1: float, beta2: float) -> tuple:
+    """Adam's bias corrections (1 − β1ᵗ, √(1 − β2ᵗ)) at step t (an int or a 0-d tensor)."""
+    return 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5
+
+
 def rgrad_coefficient(gtx: Tensor, metric: str = "euclidean") -> Tensor:
     """p×p C with rgrad(X, G) = G + X·C from GᵀX: −sym(GᵀX) (euclidean, :func:`proj_tangent`) or
     −GᵀX (canonical, :func:`canonical_rgrad`)."""
@@ -698,19 +717,15 @@ def _tall_all(x: Tensor, *others: Tensor | None) -> tuple[bool, list[Tensor | No
 
 def _land(x: Tensor, u: Tensor, xtx: Tensor, scale: float, *, lr: float, lam: float,
           safe_eps: float) -> Tensor:
-    """X⁺ = X − ηΛ for Λ = R(sU) + λX(XᵀX − I), R(V) = ½(V·XᵀX − X·VᵀX), s = ``scale``.
-
-    Λ = (sU)·C_U + X·C_X (:func:`landing_coefficients`); ‖Λ‖_F from the Grams UᵀX, UᵀU
-    (:func:`frobenius_from_gram`); the per-matrix η = min(lr, η*(‖XᵀX − I‖_F, ‖Λ‖_F))
-    (:func:`safe_step`); X⁺ = X(I − ηC_X) − U(ηsC_U). O(np²): Λ is never formed.
-    ⟨R(V), X(XᵀX − I)⟩ = 0 for any V, which keeps the safe-step bound valid."""
-    utx = scale * gram(u, x)
-    c_u, c_x = landing_coefficients(xtx, utx, lam)
-    eye = _eye_like(xtx)
-    dist = torch.linalg.matrix_norm(xtx - eye)
-    a = frobenius_from_gram(c_u, c_x, (scale * scale) * gram(u, u), utx.transpose(-1, -2), xtx)
-    eta = safe_step(dist, a, lam, safe_eps).clamp_max(lr)[..., None, None]
-    return (x @ (eye - eta * c_x)).sub_(u @ ((scale * eta) * c_u))
+    """X⁺ = X − ηΛ for Λ = R(sU) + λX(XᵀX − I) = U·(sC_U) + X·C_X (:func:`landing_coefficients`),
+    R(V) = ½(V·XᵀX − X·VᵀX), s = ``scale``; η and X⁺ = X·K_X + U·K_U from the Grams UᵀX, UᵀU
+    (:func:`landing_plan`). O(np²): Λ is never formed. ⟨R(V), X(XᵀX − I)⟩ = 0 for any V, which
+    keeps the safe-step bound valid."""
+    utx = gram(u, x)
+    c_u, c_x = landing_coefficients(xtx, scale * utx, lam)
+    k_x, k_u = landing_plan(xtx, scale * c_u, c_x, gram(u, u), utx.transpose(-1, -2), lr=lr, lam=lam,
+                            safe_eps=safe_eps)
+    return (x @ k_x).add_(u @ k_u)
 
 
 @_tall(2)
@@ -734,8 +749,8 @@ def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor 
     if max_exp_avg_sq is not None:
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         v = max_exp_avg_sq
-    bc2_sqrt = (1.0 - beta2**step) ** 0.5
-    return exp_avg / v.sqrt().add_(eps * bc2_sqrt), bc2_sqrt / (1.0 - beta1**step)
+    bc1, bc2_sqrt = adam_bias_corrections(step, beta1, beta2)
+    return exp_avg / v.sqrt().add_(eps * bc2_sqrt), bc2_sqrt / bc1
 
 
 def _momentum(t: Tensor, buf: Tensor | None, momentum: float, dampening: float,

@@ -313,6 +313,10 @@ def test_pxp_plans_equal_the_direct_computation(shape, metric, seed):
     grams = (x.mT @ x, d.mT @ x, d.mT @ d)
     torch.testing.assert_close(F.combination_gram(c_a, c_b, *grams), y.mT @ y, **close)
     torch.testing.assert_close(F.frobenius_from_gram(c_a, c_b, *grams), torch.linalg.matrix_norm(y), **close)
+    field = d @ c_b + x @ c_a  # Λ = D·C_D + X·C_X, stepped with the capped safe step
+    k_x, k_d = F.landing_plan(grams[0], c_b, c_a, grams[2], grams[1].mT, lr=0.3, lam=0.7, safe_eps=0.5)
+    eta = F.safe_step(F.distance(x), torch.linalg.matrix_norm(field), 0.7, 0.5).clamp_max(0.3)
+    torch.testing.assert_close(x @ k_x + d @ k_d, x - eta[..., None, None] * field, **close)
     torch.testing.assert_close(d + x @ F.rgrad_coefficient(d.mT @ x, metric), F.egrad2rgrad(x, d, metric), **close)
     step = x + 0.3 * d / torch.linalg.matrix_norm(d, ord=2)[..., None, None]  # well conditioned
     k = F.polar_coefficients(step.mT @ step)
