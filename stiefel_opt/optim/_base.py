@@ -32,7 +32,8 @@ from .. import functional as F
 from .. import kernels as _kernels
 from ..manifolds import Stiefel, as_stiefel, is_stiefel
 
-__all__ = ["BACKENDS", "STEP_FUNCTIONS", "step_function", "param_manifold"]
+__all__ = ["BACKENDS", "STEP_FUNCTIONS", "step_function", "param_manifold", "stack_matrices", "unstack_into",
+           "nonfinite_matrices"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -112,6 +113,34 @@ def param_manifold(group: dict, p: Tensor) -> Stiefel | None:
     return as_stiefel(pm) if pm is not None and is_stiefel(pm) else None
 
 
+def stack_matrices(tensors: list[Tensor], mshape: tuple, dtype: torch.dtype | None = None) -> Tensor:
+    """(B, *mshape) stack of the matrices of ``tensors`` (cast to ``dtype`` when given); plain
+    matrices are stacked without reshapes."""
+    if len(tensors) == 1:
+        stack = tensors[0].reshape(-1, *mshape)
+    elif all(t.dim() == 2 for t in tensors):
+        stack = torch.stack(tensors)
+    else:
+        stack = torch.cat([t.reshape(-1, *mshape) for t in tensors])
+    return stack if dtype is None else stack.to(dtype)
+
+
+def unstack_into(dst: list[Tensor], stack: Tensor) -> None:
+    """Copy a (B, n, p) stack back into the tensors it was stacked from (cast to their dtype)."""
+    if all(t.dim() == 2 for t in dst):
+        torch._foreach_copy_(dst, stack.unbind(0))
+        return
+    counts = [t.numel() // (stack.shape[-2] * stack.shape[-1]) for t in dst]
+    torch._foreach_copy_(dst, [c.reshape(t.shape) for c, t in zip(stack.split(counts), dst)])
+
+
+def nonfinite_matrices(g: Tensor) -> Tensor:
+    """(B,) mask of the matrices of a (B, n, p) stack holding a NaN or ±inf (it shows in the max or
+    the min: two cheap reductions)."""
+    dims = (-2, -1)
+    return ~(g.amax(dim=dims).isfinite() & g.amin(dim=dims).isfinite())
+
+
 def _manifold_spec(m: Stiefel) -> dict:
     return {"manifold": "stiefel", "metric": m.metric, "retraction": m.retraction, "ndim": m.ndim}
 
@@ -189,27 +218,13 @@ class _Bucket:
         mshape = (1, 1) if scalar else self.mshape
         return torch.zeros((self.size, *mshape), dtype=self.cdtype, device=self.params[0].device)
 
-    def _plain(self, tensors: list[Tensor]) -> bool:
-        """Every tensor is one matrix (the common case: stack and unbind, no reshapes)."""
-        return all(t.dim() == 2 for t in tensors)
-
     def gather(self, tensors: list[Tensor]) -> Tensor:
         """(B, *mshape) stack of the matrices of ``tensors`` (parameters or gradients) in cdtype."""
-        if len(tensors) == 1:
-            return tensors[0].reshape(-1, *self.mshape).to(self.cdtype)
-        if self._plain(tensors):
-            stack = torch.stack(tensors)
-        else:
-            stack = torch.cat([t.reshape(-1, *self.mshape) for t in tensors])
-        return stack.to(self.cdtype)
+        return stack_matrices(tensors, self.mshape, self.cdtype)
 
     def scatter(self, stack: Tensor) -> None:
         """Copy the stack back into the parameters (cast to their dtype)."""
-        if self._plain(self.params):
-            torch._foreach_copy_(self.params, stack.unbind(0))
-            return
-        chunks = stack.split(self.counts)
-        torch._foreach_copy_(self.params, [c.reshape(p.shape) for c, p in zip(chunks, self.params)])
+        unstack_into(self.params, stack)
 
 
 class StiefelOptimizer:
@@ -339,8 +354,7 @@ class StiefelOptimizer:
         g = b.gather(b.grads)
         if group["maximize"]:
             g = -g
-        dims = (-2, -1)  # a NaN or ±inf shows in the max or the min: two cheap reductions
-        bad = _dist.agree(~(g.amax(dim=dims).isfinite() & g.amin(dim=dims).isfinite()), b.layout)
+        bad = _dist.agree(nonfinite_matrices(g), b.layout)
         skipped = None
         if bool(bad.any()):
             skipped, untouched = self._nonfinite(group, b, bad)

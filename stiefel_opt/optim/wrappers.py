@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import distributed as _dist
 from .. import functional as F
 from ..manifolds import Stiefel, as_stiefel
-from ._base import StiefelOptimizer, param_manifold
+from ._base import StiefelOptimizer, nonfinite_matrices, param_manifold, stack_matrices, unstack_into
 
 __all__ = ["riemannian", "landing", "TANGENT_STATE_KEYS"]
 
@@ -72,14 +72,8 @@ def _on_shards(fn, layout):
 
 
 def _gather(ts: list[Tensor], mshape) -> Tensor:
-    mats = [t.reshape(-1, *mshape) for t in ts]
-    x = mats[0] if len(mats) == 1 else torch.cat(mats)
-    return x.float() if x.dtype in _LOW else x
-
-
-def _scatter(dst: list[Tensor], stack: Tensor, mshape) -> None:
-    counts = [t.numel() // (mshape[0] * mshape[1]) for t in dst]
-    torch._foreach_copy_(dst, [c.reshape(t.shape) for c, t in zip(stack.split(counts), dst)])
+    """The stack of ``ts``' matrices, low precision computed in fp32."""
+    return stack_matrices(ts, mshape, torch.float32 if ts[0].dtype in _LOW else None)
 
 
 class _Wrap:
@@ -103,7 +97,7 @@ class _Wrap:
             for (mshape, _, _, metric, method, _, layout), (ps, xs, gs) in _buckets(optimizer, self).items():
                 x = _gather(xs, mshape)
                 g = _gather(gs, mshape)
-                bad = _dist.agree(~torch.isfinite(g).flatten(1).all(dim=1), layout)
+                bad = _dist.agree(nonfinite_matrices(g), layout)
                 if bool(bad.any()):
                     warnings.warn(
                         f"{self.kind}(): non-finite gradient in {int(bad.sum())} Stiefel matrices of shape "
@@ -112,7 +106,7 @@ class _Wrap:
                     g = g.masked_fill(bad[:, None, None], 0.0)
                 else:
                     bad = None
-                _scatter(gs, _on_shards(self._field, layout)(x, g, metric=metric), mshape)
+                unstack_into(gs, _on_shards(self._field, layout)(x, g, metric=metric))
                 self._saved.append((ps, mshape, metric, method, x.clone(), bad, layout))
 
     def _field(self, x: Tensor, g: Tensor, metric: str) -> Tensor:
@@ -136,7 +130,7 @@ class _Wrap:
                     x_new = _on_shards(_backtrack, layout)(x_old, x_new, eps=self.safe_eps)
                 if bad is not None:
                     x_new[bad] = x_old[bad]
-                _scatter(xs, x_new, mshape)
+                unstack_into(xs, x_new)
                 if self.kind == "riemannian":
                     self._transport_state(optimizer, ps, xs, mshape, x_new, layout)
         self._saved = []
@@ -149,7 +143,7 @@ class _Wrap:
             ts = [_local(t) for t in ts]
             if any(t.shape != x.shape for t, x in zip(ts, xs)):
                 continue
-            _scatter(ts, _on_shards(F.proj_tangent, layout)(y, _gather(ts, mshape)), mshape)
+            unstack_into(ts, _on_shards(F.proj_tangent, layout)(y, _gather(ts, mshape)))
 
 
 def _local(t: Tensor) -> Tensor:
