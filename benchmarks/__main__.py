@@ -1,4 +1,4 @@
-"""Entry point: ``python -m benchmarks <name> [--quick] [--out results]``."""
+"""Entry point: ``python -m benchmarks <name> [--quick] [--out results] [the benchmark's own options]``."""
 import argparse
 import importlib
 import pkgutil
@@ -16,9 +16,16 @@ def main(argv=None) -> None:
     parser.add_argument("name", choices=available())
     parser.add_argument("--quick", action="store_true", help="a short run with smaller grids")
     parser.add_argument("--out", type=Path, default=Path("results"))
-    args = parser.parse_args(argv)
-    module = importlib.import_module(f"benchmarks.{args.name}")
-    module.run(quick=args.quick, out=args.out / args.name)
+    first = argparse.ArgumentParser(add_help=False)  # the name alone, to add that benchmark's options
+    first.add_argument("name", nargs="?", choices=available())
+    name = first.parse_known_args(argv)[0].name
+    module = importlib.import_module(f"benchmarks.{name}") if name else None
+    if hasattr(module, "add_arguments"):
+        module.add_arguments(parser)
+    args = vars(parser.parse_args(argv))
+    args.pop("name")
+    args["out"] = args["out"] / name
+    module.run(**args)
 
 
 if __name__ == "__main__":

