@@ -99,7 +99,7 @@ def dense_forward(layer, x):
 
 
 CASES = [(m, k, c) for m in METHODS for k in ("linear", "conv1d")
-         for c in ((None, "diag") if m in ("polar", "stella", "symlora") else (None,))]
+         for c in (("full", "diag") if m in ("polar", "stella", "symlora") else (None,))]
 
 
 def build(method, kind="linear", core=None, n_in=12, n_out=12, r=3, dtype=torch.float64, **kw):
@@ -168,6 +168,35 @@ def test_forward_never_forms_delta_w(method, monkeypatch):
     assert out.shape == (3, layer.out_features)
 
 
+@pytest.mark.parametrize("method,kind,core", CASES)
+def test_forward_has_no_out_by_in_product(method, kind, core):
+    """No matrix product in the unmerged forward yields an (out, in) or (in, out) tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                torch.ops.aten.baddbmm.default}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in products:
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    layer = build(method, kind, core, dtype=torch.float32)
+    layer.base_layer.requires_grad_(False)  # frozen, as after inject_adapters
+    randomize(layer)
+    x = torch.randn(3, layer.in_features)
+    with Record() as rec:
+        layer(x).sum().backward()
+    square = {(layer.out_features, layer.in_features), (layer.in_features, layer.out_features)}
+    assert rec.shapes and not square & set(rec.shapes), rec.shapes
+
+
 def test_low_precision_base_keeps_fp32_adapters():
     layer = build("polar", dtype=torch.bfloat16)
     assert layer.X.dtype == torch.float32 and layer.theta.dtype == torch.float32
@@ -224,10 +253,50 @@ def test_svd_init_takes_top_singular_vectors(method):
     torch.testing.assert_close(right.detach().abs(), vh[:r].T.abs(), rtol=0, atol=1e-6)
 
 
-def test_rslora_scaling():
-    plain = LAYERS["lora"](nn.Linear(8, 8), 4, lora_alpha=8)
-    rs = LAYERS["lora"](nn.Linear(8, 8), 4, lora_alpha=8, use_rslora=True)
+@pytest.mark.parametrize("method", METHODS)
+def test_rslora_scaling(method):
+    plain = LAYERS[method](nn.Linear(8, 8), 4, lora_alpha=8)
+    rs = LAYERS[method](nn.Linear(8, 8), 4, lora_alpha=8, use_rslora=True)
     assert plain.scaling == 2.0 and rs.scaling == 8 / math.sqrt(4)
+    m = inject_adapters(Toy(), AdapterConfig(method, r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj"]))
+    assert {layer.scaling for layer in adapter_layers(m).values()} == {4.0}
+
+
+def test_lora_init_is_peft_kaiming_uniform():
+    layer = LAYERS["lora"](nn.Linear(400, 6), 8, lora_alpha=8)
+    bound = 1.0 / math.sqrt(400)  # kaiming_uniform_(a=√5) on fan_in = 400
+    a = layer.lora_A.detach()
+    assert float(a.abs().max()) <= bound and float(a.abs().max()) > 0.9 * bound
+    assert float(a.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert torch.equal(layer.lora_B.detach(), torch.zeros(6, 8))
+
+
+@pytest.mark.parametrize("method", ["polar", "stella"])
+def test_default_init_is_random_orthonormal_not_the_svd(method):
+    one, two = build(method), build(method)
+    svd = build(method, init="svd")
+    for name in ((("X", "Y")) if method == "polar" else ("U", "V")):
+        assert not torch.allclose(getattr(one, name).abs(), getattr(two, name).abs())
+        assert not torch.allclose(getattr(one, name).abs(), getattr(svd, name).abs())
+    core = one.theta if method == "polar" else one.S
+    expected = torch.zeros(3, 3) if method == "polar" else torch.eye(3)
+    assert torch.equal(core.detach(), expected.to(core.dtype))
+
+
+def test_dora_dropout_follows_peft_formula():
+    layer = build("dora", lora_dropout=0.5)
+    randomize(layer)
+    layer.train()
+    x = torch.randn(6, layer.in_features, dtype=torch.float64)
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    xd = nn.functional.dropout(x, 0.5, training=True)
+    w, dw = layer.base_weight(), dense_delta(layer)
+    scale = layer.lora_magnitude / (w + dw).norm(dim=1)
+    expected = layer.base_layer(x) + (scale - 1) * (xd @ w.T) + scale * (xd @ dw.T)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(y, dense_forward(layer, x))  # dropout did act
 
 
 def test_symlora_rejects_non_square_naming_module():
@@ -349,6 +418,14 @@ def test_merge_and_unload_gives_plain_model_with_same_outputs(method):
     assert not adapter_layers(m)
     assert type(m.layers[0].q_proj) is nn.Linear
     torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_all_linear_skips_a_classification_head():
+    m = tiny_bert(num_labels=3)
+    inject_adapters(m, AdapterConfig("lora", r=2, target_modules="all-linear"))
+    names = wrapped(m)
+    assert "classifier" not in names and "bert.pooler.dense" in names
+    assert len(names) == 2 * 6 + 1  # q, k, v, attention out, intermediate, output; pooler
 
 
 def test_all_linear_skips_transformers_output_head_and_wraps_conv1d():

@@ -83,8 +83,12 @@ def test_mismatched_model_raises_and_loads_nothing(tmp_path):
                 b.q_proj = torch.nn.Linear(8, 12)
                 b.v_proj = torch.nn.Linear(12, 8)
 
+    wider = Wider()
     with pytest.raises(ValueError, match=r"shape mismatch.*q_proj\.X model \(12, 2\) vs checkpoint \(8, 2\)"):
-        load_adapters(Wider(), tmp_path)
+        load_adapters(wider, tmp_path)
+    assert not adapter_layers(wider) and not hasattr(wider, "_stiefel_adapter_config")  # injection undone
+    assert all(p.requires_grad for p in wider.parameters())
+    assert type(wider.layers[0].q_proj) is torch.nn.Linear
     with pytest.raises(ValueError, match="not found"):
         load_adapters(Toy(), tmp_path / "nowhere")
 

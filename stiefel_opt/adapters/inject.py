@@ -5,7 +5,7 @@ Matching (module names as ``model.named_modules()`` gives them):
 - Modules inside a ``modules_to_save`` entry are never wrapped.
 - ``target_modules``: a string is a full regex match (``re.fullmatch``); a list matches an exact
   name or a suffix ``.<entry>``; ``"all-linear"`` takes every ``nn.Linear``/``Conv1D`` except a
-  transformers model's output head (``get_output_embeddings()``).
+  transformers model's output head (``get_output_embeddings()``, else its ``score``/``classifier``).
 """
 from __future__ import annotations
 
@@ -118,13 +118,19 @@ def _in_saved(name: str, saved) -> bool:
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
+    """A transformers model's output head: ``get_output_embeddings()`` (an LM head) or, when that
+    is None, the classification head ``score``/``classifier`` (PEFT's rule for SEQ_CLS)."""
     get = getattr(model, "get_output_embeddings", None)
-    if callable(get):
-        try:
-            return get()
-        except (AttributeError, NotImplementedError):
-            return None
-    return None
+    if not callable(get):
+        return None
+    try:
+        head = get()
+    except (AttributeError, NotImplementedError):
+        head = None
+    if head is None:
+        head = next((m for m in (getattr(model, n, None) for n in ("score", "classifier"))
+                     if isinstance(m, nn.Module)), None)
+    return head
 
 
 def _is_linear(m: nn.Module) -> bool:

@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .inject import AdapterConfig, _saved_modules, adapter_config, adapter_layers, inject_adapters
+from .inject import (
+    _CONFIG_ATTR,
+    AdapterConfig,
+    _saved_modules,
+    _set_submodule,
+    adapter_config,
+    adapter_layers,
+    inject_adapters,
+)
 from .layers import DoraLayer
 
 __all__ = ["adapter_state_dict", "save_adapters", "load_adapters", "export_peft", "peft_state_dict"]
@@ -72,9 +80,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
 def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model`` (injecting them first if the
     model has none). Any missing, unexpected or mis-shaped tensor raises ``ValueError``; nothing
-    is loaded partially."""
-    from safetensors.torch import load_file
-
+    is loaded partially, and adapters injected by a failed load are removed again."""
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for p in (cfg_path, w_path):
@@ -86,15 +92,36 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     saved_config = AdapterConfig.from_dict(meta["config"])
     if not adapter_layers(model):
         exact = AdapterConfig.from_dict({**meta["config"], "target_modules": meta["targets"], "exclude_modules": None})
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
         inject_adapters(model, exact)
-    else:
-        current = adapter_config(model)
-        for key in ("method", "r", "lora_alpha", "use_rslora", "core"):
-            if getattr(current, key) != getattr(saved_config, key):
-                raise ValueError(
-                    f"load_adapters: the model's adapters have {key}={getattr(current, key)!r}, the checkpoint "
-                    f"{key}={getattr(saved_config, key)!r}"
-                )
+        try:
+            return _load_tensors(model, directory, w_path)
+        except ValueError:
+            _uninject(model, trainable)  # a failed load leaves the model as it was
+            raise
+    current = adapter_config(model)
+    for key in ("method", "r", "lora_alpha", "use_rslora", "core"):
+        if getattr(current, key) != getattr(saved_config, key):
+            raise ValueError(
+                f"load_adapters: the model's adapters have {key}={getattr(current, key)!r}, the checkpoint "
+                f"{key}={getattr(saved_config, key)!r}"
+            )
+    return _load_tensors(model, directory, w_path)
+
+
+def _uninject(model: nn.Module, trainable: set[int]) -> None:
+    """Put the base layers back (no merge) and restore which parameters were trainable."""
+    for name, layer in adapter_layers(model).items():
+        _set_submodule(model, name, layer.base_layer)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    delattr(model, _CONFIG_ATTR)
+
+
+def _load_tensors(model: nn.Module, directory: Path, w_path: Path) -> nn.Module:
+    """Copy the checkpoint into the adapters of ``model``, all or nothing."""
+    from safetensors.torch import load_file
+
     own = adapter_state_dict(model)
     tensors = load_file(str(w_path))
     missing = sorted(set(own) - set(tensors))
