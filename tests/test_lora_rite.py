@@ -50,14 +50,24 @@ def _rel(x, y):
     return float((x - y).norm() / y.norm())
 
 
-@pytest.mark.parametrize("r, init", [(4, "random"), (4, "peft"), (1, "random")])
-def test_invariant_to_factor_reparametrization_adam_is_not(r, init):
+def _reparametrization(kind, r):
+    """S: a general well-conditioned matrix, a pure scale 30·I, or a pure rotation (orthogonal)."""
+    if kind == "scale":
+        return 30.0 * torch.eye(r, dtype=torch.float64)
+    if kind == "rotation":
+        return torch.linalg.qr(torch.randn(r, r, dtype=torch.float64))[0]
+    return _well_conditioned(r)
+
+
+@pytest.mark.parametrize("r, init, kind", [(4, "random", "general"), (4, "peft", "general"), (1, "random", "general"),
+                                           (4, "random", "scale"), (4, "random", "rotation")])
+def test_invariant_to_factor_reparametrization_adam_is_not(r, init, kind):
     """ΔW after 50 steps from (A, B) and from (S⁻¹A, BS) agree; the gradient has rank 6 > r, so B
     has full rank after its first step from 0 (invariance needs full-rank factors)."""
     target, x = _problem()
     a = torch.randn(r, 20, dtype=torch.float64) / math.sqrt(20)
     b = torch.randn(24, r, dtype=torch.float64) * 0.3 if init == "random" else torch.zeros(24, r, dtype=torch.float64)
-    s = _well_conditioned(r)
+    s = _reparametrization(kind, r)
     a2, b2 = torch.linalg.solve(s, a), b @ s
     w1 = _run(a, b, target, x, _rite(lr=1e-2), 50)
     w2 = _run(a2, b2, target, x, _rite(lr=1e-2), 50)
@@ -191,6 +201,139 @@ def test_same_shape_pairs_batched_equal_one_at_a_time():
                 opt.step()
     for (a, b), (a2, b2) in zip(pairs, solo):
         torch.testing.assert_close(b @ a, b2 @ a2, rtol=1e-12, atol=1e-12)
+    # one stack: the three pairs' moments are views of one buffer per side
+    storage = {together.state[a]["exp_avg_sq"].untyped_storage().data_ptr() for a, _ in pairs}
+    assert len(storage) == 1
+
+
+def _unmagnified_norm_sq(a, b):
+    """‖ḡ_A‖² + ‖ḡ_B‖² of one pair: each gradient in its partner's basis (ḡ = ∇_X R⁺)."""
+    _, ra_pinv = F.rite_basis(a.detach().T)
+    _, rb_pinv = F.rite_basis(b.detach())
+    return (F.rite_unmagnified_gram(a.grad.T, rb_pinv).trace()
+            + F.rite_unmagnified_gram(b.grad, ra_pinv).trace())
+
+
+def test_clip_scales_all_pairs_by_the_global_unmagnified_norm():
+    """clip = c is clip = None on gradients scaled by min(1, c / ‖ḡ‖), ‖ḡ‖ over every pair (two shapes)."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [((3, 10), (8, 3)), ((2, 7), (5, 2))]
+    pairs = [(torch.randn(sa, generator=g, dtype=torch.float64).requires_grad_(),
+              torch.randn(sb, generator=g, dtype=torch.float64).requires_grad_()) for sa, sb in shapes]
+    ref = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in pairs]
+    clipped = LoRARITE(pairs, lr=1e-2, clip=0.5, eps=1e-3)
+    plain = LoRARITE(ref, lr=1e-2, clip=None, eps=1e-3)
+    coeffs = []
+    for step in range(6):
+        for (a, b), (a2, b2) in zip(pairs, ref):
+            a.grad = torch.randn(a.shape, generator=g, dtype=torch.float64) * (1e-3, 1e-2, 10.0)[step % 3]
+            b.grad = torch.randn(b.shape, generator=g, dtype=torch.float64) * (1e-3, 1e-2, 10.0)[step % 3]
+        norm = float(sum(_unmagnified_norm_sq(a, b) for a, b in pairs)) ** 0.5
+        coeff = min(1.0, 0.5 / (norm + 1e-6))
+        coeffs.append(coeff)
+        for (a, b), (a2, b2) in zip(pairs, ref):
+            a2.grad, b2.grad = a.grad * coeff, b.grad * coeff
+        clipped.step()
+        plain.step()
+    assert min(coeffs) < 0.1 and max(coeffs) == 1.0  # both regimes were exercised
+    for (a, b), (a2, b2) in zip(pairs, ref):
+        torch.testing.assert_close(a, a2, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, b2, rtol=1e-10, atol=1e-12)
+    unclipped = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in ref]
+    plain2 = LoRARITE(unclipped, lr=1e-2, clip=None, eps=1e-3)
+    for (a, b), (a2, b2) in zip(pairs, unclipped):
+        a.grad, b.grad = 1e3 * torch.ones_like(a), 1e3 * torch.ones_like(b)
+        a2.grad, b2.grad = a.grad.clone(), b.grad.clone()
+    clipped.step()
+    plain2.step()
+    assert not torch.allclose(pairs[0][0], unclipped[0][0])  # clip changed the step
+
+
+def test_escaped_mass_option_sets_the_damping():
+    """escaped_mass=True accumulates ρ > 0 once the partner's basis turns; False keeps ρ = 0; the runs differ."""
+    target, x = _problem()
+    a = torch.randn(4, 20, dtype=torch.float64) / math.sqrt(20)
+    b = torch.randn(24, 4, dtype=torch.float64) * 0.3
+    runs = {}
+    for on in (True, False):
+        aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        opt = LoRARITE([(aa, bb)], lr=2e-2, escaped_mass=on)
+        for _ in range(10):
+            opt.zero_grad()
+            (0.5 * (x @ (bb @ aa - target).T).square().mean()).backward()
+            opt.step()
+        runs[on] = (bb @ aa).detach(), float(opt.state[aa]["escaped_mass"]), float(opt.state[bb]["escaped_mass"])
+    assert runs[True][1] > 0 and runs[True][2] > 0
+    assert runs[False][1] == 0.0 and runs[False][2] == 0.0
+    assert _rel(runs[True][0], runs[False][0]) > 1e-6
+
+
+def test_bf16_factors_are_stepped_in_fp32():
+    """A bf16 pair takes exactly the fp32 step from the same values and gradients, rounded to bf16."""
+    g = torch.Generator().manual_seed(7)
+    a16 = torch.randn(3, 12, generator=g).bfloat16().requires_grad_()
+    b16 = torch.randn(9, 3, generator=g).bfloat16().requires_grad_()
+    a32, b32 = a16.detach().float().requires_grad_(), b16.detach().float().requires_grad_()
+    low, ref = LoRARITE([(a16, b16)], lr=1e-2), LoRARITE([(a32, b32)], lr=1e-2)
+    for _ in range(4):
+        a16.grad = torch.randn(a16.shape, generator=g).bfloat16()
+        b16.grad = torch.randn(b16.shape, generator=g).bfloat16()
+        a32.grad, b32.grad = a16.grad.float(), b16.grad.float()
+        low.step()
+        ref.step()
+        assert a16.dtype == torch.bfloat16 and torch.equal(a16, a32.bfloat16())
+        assert torch.equal(b16, b32.bfloat16())
+        with torch.no_grad():  # the reference continues from the rounded factors, as the bf16 run does
+            a32.copy_(a16)
+            b32.copy_(b16)
+    assert low.state[a16]["exp_avg"].dtype == torch.float32
+    assert torch.equal(low.state[a16]["exp_avg_sq"], ref.state[a32]["exp_avg_sq"])
+
+
+def test_hf_trainer_trains_lora_pairs_and_resumes_from_checkpoint(tmp_path):
+    """Trainer(optimizers=(LoRARITE(...), None)): its scheduler drives our lr, the loss goes down,
+    and resuming from a checkpoint (our state_dict through torch.save/torch.load) gives the same
+    factors as the uninterrupted run."""
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from stiefel_opt.adapters import AdapterConfig, inject_adapters, lora_pairs
+
+    def build():
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                         initializer_range=0.2, loss_type="ForCausalLM")
+        model = inject_adapters(GPT2LMHeadModel(cfg), AdapterConfig(method="lora", r=4, lora_alpha=8,
+                                                                    target_modules=["c_attn"]))
+        return model, LoRARITE(lora_pairs(model), lr=3e-2)
+
+    row = torch.randint(1, 32, (12,), generator=torch.Generator().manual_seed(3))
+    data = [{"input_ids": row, "labels": row}] * 8  # identical rows: the sampler's shuffle changes nothing
+
+    def trainer(model, opt, out):
+        args = TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=8,
+                                 learning_rate=3e-2, lr_scheduler_type="linear", logging_steps=1,
+                                 save_strategy="steps", save_steps=3, report_to="none", use_cpu=True,
+                                 disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        return Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
+
+    model, opt = build()
+    t = trainer(model, opt, tmp_path / "full")
+    t.train()
+    losses = [h["loss"] for h in t.state.log_history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert opt.param_groups[0]["lr"] == 0.0  # the Trainer's linear schedule reached its end
+    pairs = lora_pairs(model)
+    assert all(float(opt.state[x]["step"]) == 6 for pair in pairs for x in pair)
+    assert all(torch.count_nonzero(b) > 0 for _, b in pairs)
+
+    model2, opt2 = build()
+    t2 = trainer(model2, opt2, tmp_path / "resumed")
+    t2.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert all(float(opt2.state[x]["step"]) == 6 for pair in lora_pairs(model2) for x in pair)
+    for (a, b), (a2, b2) in zip(pairs, lora_pairs(model2)):
+        assert torch.equal(a, a2) and torch.equal(b, b2)
 
 
 def _train(pairs, opt, x, steps):
@@ -266,9 +409,11 @@ def test_nonfinite_gradient_skips_only_that_pair():
 def test_errors_name_the_pair():
     a, b = torch.randn(4, 10, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     bad = torch.randn(6, 3, requires_grad=True)
-    with pytest.raises(ValueError, match=r"pair 1: A has shape \(4, 10\).*\(6, 3\)"):
+    with pytest.raises(ValueError, match=r"pair 1 of param group 0: A has shape \(4, 10\).*\(6, 3\)"):
         LoRARITE([(a, b), (a.detach().clone().requires_grad_(), bad)])
-    with pytest.raises(ValueError, match="pair 0: rank r = 4 exceeds"):
+    with pytest.raises(ValueError, match=r"pair 0 of param group 1: A has shape \(4, 10\).*\(6, 3\)"):
+        LoRARITE([{"pairs": [(a, b)]}, {"pairs": [(a.detach().clone().requires_grad_(), bad)]}])
+    with pytest.raises(ValueError, match="pair 0 of param group 0: rank r = 4 exceeds"):
         LoRARITE([(torch.randn(4, 3, requires_grad=True), torch.randn(6, 4, requires_grad=True))])
     with pytest.raises(ValueError, match="appears twice"):
         LoRARITE([(a, b), (a, b)])

@@ -123,8 +123,9 @@ class LoRARITE(torch.optim.Optimizer):
         plain = group.pop("params", [])
         plain = [plain] if isinstance(plain, Tensor) else list(plain)
         flat: list[Tensor] = []
+        where = f"param group {len(self.param_groups)}"
         for i, pair in enumerate(pairs):
-            flat += self._check_pair(i, pair)
+            flat += self._check_pair(f"pair {i} of {where}", pair)
         seen = set()
         for p in flat + plain:
             if id(p) in seen:
@@ -155,34 +156,34 @@ class LoRARITE(torch.optim.Optimizer):
             raise ValueError(f"LoRARITE: nonfinite must be 'skip' or 'raise', got {group['nonfinite']!r}")
 
     @staticmethod
-    def _check_pair(i: int, pair: Any) -> list[Tensor]:
+    def _check_pair(name: str, pair: Any) -> list[Tensor]:
         if not _is_pair(pair):
-            raise TypeError(f"LoRARITE: pair {i} must be a tuple (A, B) of two tensors, got {type(pair).__name__}")
+            raise TypeError(f"LoRARITE: {name} must be a tuple (A, B) of two tensors, got {type(pair).__name__}")
         a, b = pair
         if a.dim() != 2 or b.dim() != 2:
             raise ValueError(
-                f"LoRARITE: pair {i}: A (r×in) and B (out×r) must be 2-D, got shapes "
+                f"LoRARITE: {name}: A (r×in) and B (out×r) must be 2-D, got shapes "
                 f"{tuple(a.shape)} and {tuple(b.shape)}"
             )
         r = a.shape[0]
         if b.shape[1] != r:
             raise ValueError(
-                f"LoRARITE: pair {i}: A has shape {tuple(a.shape)} (r×in) and B has shape "
+                f"LoRARITE: {name}: A has shape {tuple(a.shape)} (r×in) and B has shape "
                 f"{tuple(b.shape)} (out×r), but A.shape[0] = {r} != B.shape[1] = {b.shape[1]}. "
                 "Pass (A, B) in the PEFT layout, lora_A.weight first."
             )
         if r > a.shape[1] or r > b.shape[0]:
             raise ValueError(
-                f"LoRARITE: pair {i}: rank r = {r} exceeds in = {a.shape[1]} or out = {b.shape[0]}; "
+                f"LoRARITE: {name}: rank r = {r} exceeds in = {a.shape[1]} or out = {b.shape[0]}; "
                 "LoRA-RITE needs r <= min(in, out)"
             )
         if a.dtype != b.dtype or a.device != b.device:
             raise ValueError(
-                f"LoRARITE: pair {i}: A ({a.dtype}, {a.device}) and B ({b.dtype}, {b.device}) must "
+                f"LoRARITE: {name}: A ({a.dtype}, {a.device}) and B ({b.dtype}, {b.device}) must "
                 "share dtype and device"
             )
         if not a.is_floating_point():
-            raise TypeError(f"LoRARITE: pair {i}: factors must be floating point, got {a.dtype}")
+            raise TypeError(f"LoRARITE: {name}: factors must be floating point, got {a.dtype}")
         return [a, b]
 
     # -- state ---------------------------------------------------------------------------------
