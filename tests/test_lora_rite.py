@@ -400,6 +400,15 @@ def test_nonfinite_gradient_skips_only_that_pair():
     opt.step()  # the next finite step works for every pair
     assert all(torch.isfinite(t).all() for pair in pairs for t in pair)
 
+    # LoRA's B = 0 at init: A's gradient reaches the check through R_B⁺ = 0 (0·NaN is still NaN)
+    a, b = torch.randn(2, 10, requires_grad=True), torch.zeros(6, 2, requires_grad=True)
+    zero_b = LoRARITE([(a, b)], lr=1e-2)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    a.grad[1, 3] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        zero_b.step()
+    assert zero_b.nonfinite_skips == 1 and torch.count_nonzero(b) == 0
+
     strict = LoRARITE([pairs[0]], nonfinite="raise")
     pairs[0][0].grad[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="non-finite"):
