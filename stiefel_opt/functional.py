@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 
 import torch
 from torch import Tensor
@@ -152,6 +153,29 @@ def _mT(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.transpose(-1, -2)
 
 
+def _check_matrices(where: str, names, mats) -> None:
+    """TypeError/ValueError naming the argument unless every matrix argument is a floating-point
+    tensor with at least 2 dims and the matrix shape (last two dims) of the first; None is skipped."""
+    first = mats[0]
+    for name, a in zip(names, mats):
+        if a is None:
+            continue
+        if not isinstance(a, Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(a).__name__}")
+        if not a.is_floating_point():
+            raise TypeError(f"{where}: {name} must be a floating-point tensor, got {a.dtype}")
+        if a.dim() < 2:
+            raise ValueError(
+                f"{where}: expected {name} to be a matrix or a batch of matrices, got a tensor of "
+                f"shape {tuple(a.shape)}"
+            )
+        if a.shape[-2:] != first.shape[-2:]:
+            raise ValueError(
+                f"{where}: {name} has shape {tuple(a.shape)}, but its matrices must match those of "
+                f"{names[0]} {tuple(first.shape)}"
+            )
+
+
 def _tall(n_matrix_args: int, returns_matrix: bool = True):
     """Decorator: upcast low precision to fp32 and work on the tall form of the first argument.
 
@@ -161,14 +185,12 @@ def _tall(n_matrix_args: int, returns_matrix: bool = True):
     """
 
     def wrap(fn):
+        names = list(inspect.signature(fn).parameters)[:n_matrix_args]
+
         @functools.wraps(fn)
         def inner_fn(*args, **kwargs):
             x = args[0]
-            if x.dim() < 2:
-                raise ValueError(
-                    f"{fn.__name__}: expected a matrix or a batch of matrices, got a tensor of "
-                    f"shape {tuple(x.shape)}"
-                )
+            _check_matrices(fn.__name__, names, args[:n_matrix_args])
             dtype = x.dtype
             cdtype = _compute_dtype(dtype)
             mats = [a if a is None else a.to(cdtype) for a in args[:n_matrix_args]]
@@ -238,6 +260,10 @@ def inner(x: Tensor, u: Tensor, v: Tensor, metric: str = "euclidean", keepdim: b
     """Metric at X: ⟨U, V⟩ = tr(UᵀV) (euclidean) or tr(UᵀV) − ½ tr(UᵀX XᵀV) (canonical)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    _check_matrices("inner", ("x", "u", "v"), (x, u, v))
+    dtype = x.dtype
+    if dtype in _LOW_PRECISION:
+        x, u, v = x.float(), u.float(), v.float()
     if is_wide(x):
         x, u, v = _mT(x), _mT(u), _mT(v)
     out = (u * v).sum(dim=(-1, -2), keepdim=keepdim)
@@ -245,7 +271,7 @@ def inner(x: Tensor, u: Tensor, v: Tensor, metric: str = "euclidean", keepdim: b
         xu = x.transpose(-1, -2) @ u
         xv = x.transpose(-1, -2) @ v
         out = out - 0.5 * (xu * xv).sum(dim=(-1, -2), keepdim=keepdim)
-    return out
+    return out.to(dtype)
 
 
 def transport(y: Tensor, v: Tensor) -> Tensor:
@@ -373,6 +399,7 @@ def newton_schulz(y: Tensor, steps: int = 8) -> Tensor:
     return y
 
 
+@_tall(2)
 def retract_newton_schulz(x: Tensor, v: Tensor, steps: int = 8) -> Tensor:
     """Polar retraction computed by Newton–Schulz: polar factor of X + V, matmuls only."""
     return newton_schulz(x + v, steps)
@@ -414,7 +441,7 @@ def project(x: Tensor, rtol: float | None = None) -> Tensor:
     if bool(deficient.any()):
         raise ValueError(
             f"project: a {tuple(x.shape[-2:])} matrix is rank deficient (smallest/largest singular "
-            f"value {float((s[..., -1] / s[..., 0].clamp_min(1e-300)).min()):.2e}); its nearest "
+            f"value {float((s[..., -1] / s[..., 0].clamp_min(torch.finfo(s.dtype).tiny)).min()):.2e}); its nearest "
             "orthonormal matrix is not unique. Use init='random' or pass a full-rank matrix."
         )
     return u @ vh
