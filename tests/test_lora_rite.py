@@ -557,3 +557,19 @@ def test_row_sharded_basis_spans_the_factor_like_householder(r, data):
     lam = torch.linalg.eigvalsh(F.rite_unmagnified_gram(grad, r_pinv))
     lam_h = torch.linalg.eigvalsh(F.rite_unmagnified_gram(grad, r_pinv_h))
     assert torch.allclose(lam, lam_h, rtol=1e-8, atol=1e-10 * float(lam_h.abs().max().clamp_min(1)))
+
+
+def test_benchmark_small_grid_writes_reports_and_rite_ignores_the_scale_split(tmp_path):
+    """benchmarks/lora_rite on a tiny grid: the reports are written, LoRA-RITE needs the same number
+    of iterations for every split (s·A₀, B₀/s) of the same ΔW, and Adam does not."""
+    from benchmarks import lora_rite as bench
+
+    grid = bench.Grid(step_shapes=((2, 32, 4),), step_repeats=2, kappas=(10.0,), ranks=(4,),
+                      scales=(1.0, 100.0), lrs=(1e-2,), cap=100, target=0.1)
+    res = bench.run(out=tmp_path, grid=grid)
+    assert {"lora_rite.json", "lora_rite.md", "lora_rite_k10_r4.png"} <= {p.name for p in tmp_path.iterdir()}
+    (row,) = res["step_time"]
+    assert row["rite_ms"] > 0 and row["adam_ms"] > 0
+    one, hundred = res["regression"]
+    assert one["rite_iters"] is not None and one["rite_iters"] == hundred["rite_iters"]
+    assert hundred["adam_iters"] != one["adam_iters"]
