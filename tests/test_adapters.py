@@ -302,6 +302,8 @@ def test_dora_dropout_follows_peft_formula():
 def test_symlora_rejects_non_square_naming_module():
     with pytest.raises(ValueError, match=r"blk\.proj.*square.*out=10, in=12"):
         LAYERS["symlora"](nn.Linear(12, 10), 2, lora_alpha=2, name="blk.proj")
+    with pytest.raises(ValueError, match=r"symlora adapter on head.*out=3, in=8"):
+        inject_adapters(Toy(), AdapterConfig("symlora", r=2, target_modules="all-linear"))
 
 
 def test_rank_above_dimension_is_rejected():
