@@ -67,6 +67,12 @@ class Stiefel(Manifold):
         return x.reshape(*lead, x.shape[x.dim() - self.ndim], -1)
 
     def _map(self, fn, x: Tensor, *others: Tensor) -> Tensor:
+        for o in others:
+            if isinstance(o, Tensor) and isinstance(x, Tensor) and o.shape[-self.ndim:] != x.shape[-self.ndim:]:
+                raise ValueError(
+                    f"{self}: a tangent vector of shape {tuple(o.shape)} does not match the point's "
+                    f"shape {tuple(x.shape)}"
+                )
         out = fn(self.to_matrix(x), *(self.to_matrix(o) for o in others))
         return out.reshape(x.shape)
 
@@ -261,8 +267,9 @@ def constrain(module: nn.Module, name: str = "weight", manifold: Stiefel | None 
               init: str = "project") -> StiefelParameter:
     """Put a Stiefel constraint on ``module.<name>`` in place and return the new parameter.
 
-    A conv weight (out, in, *kernel) is seen as the (out, in·∏kernel) matrix; a wide matrix has
-    orthonormal rows. ``init``: ``"project"`` — the nearest orthonormal matrix (polar factor;
+    A conv weight (out, in, *kernel) is seen as the (out, in·∏kernel) matrix (a given ``Stiefel``
+    with ``ndim=2`` is widened to the weight's dims, its metric and retraction kept); a wide
+    matrix has orthonormal rows. ``init``: ``"project"`` — the nearest orthonormal matrix (polar factor;
     rank-deficient weights raise), ``"keep"`` — the values as they are (a landing optimizer
     pulls them onto the manifold only from inside its safe region ‖XᵀX − I‖_F < safe_eps; PyTorch's
     default initialisation is usually outside it, so prefer "project" there), ``"random"`` — a
@@ -270,6 +277,10 @@ def constrain(module: nn.Module, name: str = "weight", manifold: Stiefel | None 
 
     Call it before building the optimizer: the module's parameter is replaced by a new object.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"constrain: module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"constrain: name must be a parameter name (str), got {type(name).__name__}")
     where = f"{type(module).__name__}.{name}"
     if init not in _INITS:
         raise ValueError(f"constrain({where}): init must be one of {_INITS}, got {init!r}")
@@ -282,6 +293,8 @@ def constrain(module: nn.Module, name: str = "weight", manifold: Stiefel | None 
         manifold = Stiefel(ndim=param.dim())
     elif not isinstance(manifold, Stiefel):
         raise TypeError(f"constrain({where}): manifold must be a Stiefel, got {type(manifold).__name__}")
+    elif isinstance(module, nn.modules.conv._ConvNd) and name == "weight" and manifold.ndim == 2:
+        manifold = Stiefel(metric=manifold.metric, retraction=manifold.retraction, ndim=param.dim())
     elif manifold.ndim > param.dim():
         raise ValueError(
             f"constrain({where}): manifold.ndim={manifold.ndim} exceeds the parameter's {param.dim()} dims"

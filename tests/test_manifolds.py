@@ -66,7 +66,8 @@ def test_conv_kernel_is_seen_as_a_flattened_matrix():
 def test_geoopt_riemannian_adam_accepts_our_parameters_tall_and_wide():
     torch.manual_seed(0)
     params = [StiefelParameter.random(20, 4), StiefelParameter.random(3, 12),
-              StiefelParameter.random(10, 3, manifold=Stiefel(retraction="qr"))]
+              StiefelParameter.random(10, 3, manifold=Stiefel(retraction="qr")),
+              StiefelParameter.random(2, 9, 3, manifold=Stiefel(metric="canonical", retraction="cayley"))]
     target = [torch.randn(p.shape) for p in params]
     opt = geoopt.optim.RiemannianAdam(params, lr=0.05)
     start = sum(float(((p.detach() - t) ** 2).sum()) for p, t in zip(params, target))
@@ -77,7 +78,7 @@ def test_geoopt_riemannian_adam_accepts_our_parameters_tall_and_wide():
         opt.step()
     assert float(loss.detach()) < start
     for p in params:
-        assert F.distance(p.detach()) <= 1e-5
+        assert F.distance(p.detach()).max() <= 1e-5
 
 
 def test_stiefel_parameter_validates_its_data():
@@ -130,13 +131,26 @@ def test_constrain_linear(shape, init):
     assert p.grad is not None and p.grad.shape == shape
 
 
-def test_constrain_conv_weight_flattens_to_matrix():
-    conv = nn.Conv2d(4, 6, 3)
-    p = constrain(conv, "weight")
-    assert p.manifold.ndim == 4
+@pytest.mark.parametrize("init", ["project", "random"])
+@pytest.mark.parametrize("manifold", [None, Stiefel(metric="canonical", retraction="qr")])
+def test_constrain_conv_weight_flattens_to_matrix(init, manifold):
+    conv = nn.Conv2d(4, 6, 3)  # (6, 4, 3, 3): the wide 6×36 matrix
+    p = constrain(conv, "weight", manifold=manifold, init=init)
+    assert p.manifold.ndim == 4  # a given ndim=2 Stiefel is widened, its metric and retraction kept
+    if manifold is not None:
+        assert (p.manifold.metric, p.manifold.retraction) == ("canonical", "qr")
     m = p.detach().reshape(6, -1)
     assert torch.allclose(m @ m.T, torch.eye(6), atol=1e-5)
     assert conv(torch.randn(1, 4, 5, 5)).shape == (1, 6, 3, 3)
+    y = p.manifold.retr(p.detach(), 0.1 * p.manifold.egrad2rgrad(p.detach(), torch.randn(p.shape)))
+    assert p.manifold.check_point_on_manifold(y)
+
+
+def test_constrain_tall_conv_weight():
+    conv = nn.Conv1d(2, 12, 2)  # (12, 2, 2): the tall 12×4 matrix, orthonormal columns
+    p = constrain(conv, "weight")
+    m = p.detach().reshape(12, -1)
+    assert torch.allclose(m.T @ m, torch.eye(4), atol=1e-5)
 
 
 def test_constrain_errors_name_the_parameter():
@@ -154,8 +168,34 @@ def test_constrain_errors_name_the_parameter():
     assert not isinstance(lin.weight, StiefelParameter)  # a failed call leaves the module untouched
     with torch.no_grad():
         lin.weight.fill_(float("nan"))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match=r"Linear\.weight.*non-finite"):
         constrain(lin, "weight")
+    with pytest.raises(TypeError, match="module must be an nn.Module"):
+        constrain(torch.ones(3, 3), "weight")
+    with pytest.raises(TypeError, match="name must be"):
+        constrain(lin, 0)
+    with pytest.raises(TypeError, match=r"Linear\.weight.*manifold must be a Stiefel"):
+        constrain(nn.Linear(3, 4), "weight", manifold="stiefel")
+    scalar = nn.Module()
+    scalar.scale = nn.Parameter(torch.tensor(2.0))
+    with pytest.raises(ValueError, match=r"Module\.scale.*shape \(\)"):  # 0-D
+        constrain(scalar, "scale")
+
+
+def test_manifold_rejects_mismatched_shapes_and_vectors():
+    m = Stiefel()
+    x = m.random(6, 3, dtype=torch.float64)
+    for method in (m.proju, m.egrad2rgrad, m.retr):
+        with pytest.raises(ValueError, match=r"shape \(3, 6\) does not match the point's shape \(6, 3\)"):
+            method(x, x.mT)
+    with pytest.raises(ValueError, match="shape \\(3,\\)"):
+        m.projx(torch.ones(3))
+    with pytest.raises(ValueError, match="rank deficient"):
+        m.projx(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="shape \\(\\)"):
+        StiefelParameter(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="expected a torch.Tensor, got list"):
+        StiefelParameter([[1.0, 0.0], [0.0, 1.0]])
 
 
 def test_manifold_declarations_are_normalized():
