@@ -173,6 +173,20 @@ def test_mkdocs_build_strict(tmp_path):
     assert "include-results" not in bench and "<table>" in bench  # the demo report was inlined
     functional = (tmp_path / "site" / "api" / "functional" / "index.html").read_text()
     assert ":func:<code>" not in functional and "<code>safe_step</code>" in functional  # roles rendered as code
+    ids = set()
+    for html in (tmp_path / "site" / "api").rglob("index.html"):
+        ids |= set(re.findall(r'id="([\w.]+)"', html.read_text()))
+    missing = [f"{mod}.{name}" for mod, name in _module_names() if not _in_reference(ids, mod, name)]
+    assert not missing, f"public names missing from the API reference: {missing}"
+
+
+def _in_reference(ids: set[str], mod: str, name: str) -> bool:
+    """An anchor for ``stiefel_opt.<mod>.<name>`` in the built API pages: the name itself, its
+    defining submodule's (``stiefel_opt.optim.wrappers.landing``), or the explicit heading of a
+    name that mkdocstrings cannot see statically; ``kernels`` is collected from its source
+    directory, so its anchors read ``kernels.<name>``."""
+    prefixes = ("kernels.",) if mod == "kernels" else (f"stiefel_opt.{mod}.",)
+    return any(i.startswith(prefixes) and i.endswith(f".{name}") for i in ids)
 
 
 # --- docstrings of the public names ---------------------------------------------------------------
@@ -186,26 +200,43 @@ def _own_doc(obj) -> str:
     return getattr(obj, "__doc__", None) or ""
 
 
+# the public submodules: each one's __all__ is public API, documented in docs/api/<module>.md
+PUBLIC_MODULES = ("functional", "manifolds", "optim", "adapters", "diagnostics", "distributed", "kernels")
+
+
+def _module_names():
+    """(module, name) for every name in the ``__all__`` of the public submodules."""
+    import importlib
+
+    for mod in PUBLIC_MODULES:
+        for name in importlib.import_module(f"stiefel_opt.{mod}").__all__:
+            yield mod, name
+
+
 def _public_objects():
+    import importlib
     import stiefel_opt
 
-    seen = {}
-    for name in stiefel_opt.__all__:
-        obj = getattr(stiefel_opt, name)
-        seen[f"stiefel_opt.{name}"] = obj
-        if inspect.ismodule(obj):  # public submodules: their own public names too
-            for sub in getattr(obj, "__all__", ()):
-                member = getattr(obj, sub)
-                if inspect.isclass(member) or inspect.isroutine(member):
-                    seen[f"stiefel_opt.{name}.{sub}"] = member
+    seen = {f"stiefel_opt.{name}": getattr(stiefel_opt, name) for name in stiefel_opt.__all__}
+    for mod, name in _module_names():
+        member = getattr(importlib.import_module(f"stiefel_opt.{mod}"), name)
+        if inspect.isclass(member) or inspect.isroutine(member) or inspect.ismodule(member):
+            seen[f"stiefel_opt.{mod}.{name}"] = member
     return seen
 
 
+# Public names whose docstring is shorter than MIN_DOC (reported to their owners). May only shrink.
+KNOWN_SHORT_DOCS = {"stiefel_opt.adapters.unmerge_adapters"}
+
+
 def test_public_names_have_docstrings():
-    """Every name in ``stiefel_opt.__all__`` (and every function/class in the ``__all__`` of the
-    public submodules it re-exports) has its own docstring of at least MIN_DOC characters."""
-    missing = sorted(name for name, obj in _public_objects().items() if len(_own_doc(obj).strip()) < MIN_DOC)
-    assert not missing, f"public names without a docstring giving their formula or contract: {missing}"
+    """Every name in ``stiefel_opt.__all__`` and every function/class in the ``__all__`` of the
+    public submodules has its own docstring of at least MIN_DOC characters (a formula or a
+    contract). Constants are described in the tables of docs/api/*.md instead."""
+    short = {name for name, obj in _public_objects().items() if len(_own_doc(obj).strip()) < MIN_DOC}
+    new, fixed = sorted(short - KNOWN_SHORT_DOCS), sorted(KNOWN_SHORT_DOCS - short)
+    assert not new, f"public names without a docstring giving their formula or contract: {new}"
+    assert not fixed, f"now documented, remove from KNOWN_SHORT_DOCS: {fixed}"
 
 
 def test_custom_adapter_tutorial_builds_the_adapter_in_under_50_lines():
@@ -233,18 +264,17 @@ KNOWN_UNDOCUMENTED_METHODS = {
     "Stiefel.transp_follow_retr", "Stiefel.transp_follow_expmap",
     "SharedQSpectral.matrix",
     "AdapterConfig.to_dict", "AdapterConfig.from_dict",
+    "LoraLayer.delta_factors", "SymLoraLayer.delta_factors", "AdapterDiagnosticsCallback.history",
+    "CommCount.bytes", "CommCount.bytes_of",
 }
-# nn.Module / framework conventions, documented by the class docstring
-_CONVENTIONAL = {"forward", "extra_repr"}
+# nn.Module / Trainer-callback conventions, documented by the class docstring
+_CONVENTIONAL = {"forward", "extra_repr", "on_train_begin", "on_step_end"}
 
 
 def _public_methods():
-    import stiefel_opt
-
-    for cname in stiefel_opt.__all__:
-        cls = getattr(stiefel_opt, cname)
-        if not inspect.isclass(cls):
-            continue
+    classes = {name: obj for qual, obj in _public_objects().items()
+               for name in [qual.rsplit(".", 1)[-1]] if inspect.isclass(obj)}
+    for cname, cls in classes.items():
         for name, attr in vars(cls).items():
             if name.startswith("_") or name in _CONVENTIONAL:
                 continue
@@ -254,7 +284,7 @@ def _public_methods():
 
 
 def test_public_methods_have_docstrings():
-    """Every public method defined by a top-level class has a docstring, except the known list."""
+    """Every public method defined by a public class has a docstring, except the known list."""
     undocumented = {name for name, fn in _public_methods() if not (fn.__doc__ or "").strip()}
     new = sorted(undocumented - KNOWN_UNDOCUMENTED_METHODS)
     fixed = sorted(KNOWN_UNDOCUMENTED_METHODS - undocumented)
