@@ -573,3 +573,12 @@ def test_benchmark_small_grid_writes_reports_and_rite_ignores_the_scale_split(tm
     one, hundred = res["regression"]
     assert one["rite_iters"] is not None and one["rite_iters"] == hundred["rite_iters"]
     assert hundred["adam_iters"] != one["adam_iters"]
+
+
+def test_groups_without_any_pair_are_refused():
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="no \\(A, B\\) pair.*lora_pairs"):
+        LoRARITE([{"params": [w], "weight_decay": 0.0}])
+    a, b = torch.randn(2, 5, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    opt = LoRARITE([{"params": [w]}, {"pairs": [(a, b)]}])  # one group with a pair is enough
+    assert [g["num_pairs"] for g in opt.param_groups] == [0, 1]

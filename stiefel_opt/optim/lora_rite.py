@@ -113,6 +113,12 @@ class LoRARITE(torch.optim.Optimizer):
             nonfinite=nonfinite,
         )
         super().__init__(groups, defaults)
+        if not any(g["num_pairs"] for g in self.param_groups):
+            raise ValueError(
+                "LoRARITE: no (A, B) pair in any param group, so every parameter would get plain AdamW; "
+                "pass the pairs, e.g. stiefel_opt.adapters.lora_pairs(model) (the Trainer's "
+                "optimizer_cls_and_kwargs route passes only {'params': ...} groups)"
+            )
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group: ``{"pairs": [(A, B), ...], "params": [...], **hyperparameters}``."""
