@@ -40,9 +40,13 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "triton")
+"""The values :func:`resolve_backend` accepts (the optimizers' ``backend=`` option): ``"auto"``
+picks Triton for supported CUDA tensors, ``"torch"`` / ``"triton"`` force one."""
 MAX_FUSED_P = 128
 """Widest p (columns of the tall form) of the fused optimizer steps: one tile holds a whole row."""
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes the Triton kernels take (see :func:`check_tensors`); bf16/fp16 are computed in fp32 and
+returned in the input dtype."""
 
 
 @functools.cache
@@ -376,11 +380,11 @@ def auto_dispatch(torch_fn: Callable, triton_fn: Callable) -> Callable:
     return step
 
 
-#: step name → fused batched step function with the contract of its ``stiefel_opt.functional``
-#: twin; the optimizers dispatch to these for ``backend="triton"`` (and "auto" on CUDA).
 FUSED_STEPS: dict[str, Callable] = {
     "riemannian_sgd": riemannian_sgd_update,
     "riemannian_adam": riemannian_adam_update,
     "landing_sgd": landing_sgd_update,
     "landing_adam": landing_adam_update,
 }
+"""Step name → fused batched step function with the contract of its ``stiefel_opt.functional``
+twin; the optimizers dispatch to these for ``backend="triton"`` (and ``"auto"`` on CUDA)."""

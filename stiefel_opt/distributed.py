@@ -55,8 +55,9 @@ __all__ = [
     "manifold_param_groups",
 ]
 
-#: Retractions that run on row shards with p×p all-reduces only (``exp``: euclidean metric only).
 SHARD_SAFE_RETRACTIONS = ("polar", "newton_schulz", "qr", "cayley", "exp")
+"""Retractions that run on row shards with p×p all-reduces only (``exp``: euclidean metric only;
+see :func:`shard_safe`)."""
 
 
 def shard_safe(retraction: str, metric: str = "euclidean") -> bool:
@@ -75,9 +76,11 @@ class CommCount:
 
     @property
     def bytes(self) -> int:
+        """Total bytes sent by this rank over every recorded collective: Σ bytes of ``calls``."""
         return sum(b for _, b in self.calls)
 
     def bytes_of(self, kind: str) -> int:
+        """Bytes sent by this rank in the collectives of one ``kind`` (``"all_reduce"`` or ``"all_gather"``)."""
         return sum(b for k, b in self.calls if k == kind)
 
 

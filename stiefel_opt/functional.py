@@ -71,6 +71,8 @@ __all__ = [
 ]
 
 METRICS = ("euclidean", "canonical")
+"""The metrics every ``metric=`` argument accepts: euclidean ⟨U, V⟩ = tr(UᵀV), canonical
+tr(UᵀV) − ½ tr(UᵀX XᵀV) (see :func:`inner`)."""
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -412,6 +414,8 @@ RETRACTIONS = {
     "exp": retract_exp,
     "newton_schulz": retract_newton_schulz,
 }
+"""Retraction name → function R_X(V), the names :func:`retract` (and every ``retraction=`` option)
+accepts; ``exp`` is the euclidean-metric geodesic here, :func:`retract` passes the metric."""
 
 
 def retract(x: Tensor, v: Tensor, method: str = "polar", metric: str = "euclidean") -> Tensor:

@@ -96,17 +96,25 @@ class Stiefel(Manifold):
 
     # --- geoopt Manifold interface ------------------------------------------------------------
     def projx(self, x: Tensor) -> Tensor:
+        """Nearest point of the manifold: the polar factor U Vᵀ of X = U Σ Vᵀ per matrix
+        (:func:`~stiefel_opt.functional.project`; rank-deficient X raises ``ValueError``)."""
         return self._map(F.project, x)
 
     def proju(self, x: Tensor, u: Tensor) -> Tensor:
+        """Tangent projection P_X(U) = U − X sym(XᵀU) (:func:`~stiefel_opt.functional.proj_tangent`;
+        the tangent space, hence P_X, is the same for both metrics)."""
         return self._map(F.proj_tangent, x, u)
 
     def egrad2rgrad(self, x: Tensor, u: Tensor) -> Tensor:
+        """Riemannian gradient of the Euclidean gradient G: G − X sym(XᵀG) (euclidean, :meth:`proju`)
+        or G − X GᵀX (canonical, :func:`~stiefel_opt.functional.canonical_rgrad`)."""
         if self.metric == "euclidean":
             return self.proju(x, u)
         return self._map(F.canonical_rgrad, x, u)
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = False) -> Tensor:
+        """Metric ⟨U, V⟩_X = tr(UᵀV) (euclidean) or tr(UᵀV) − ½ tr(UᵀX XᵀV) (canonical), V = U if
+        omitted; one value per matrix (:func:`~stiefel_opt.functional.inner`)."""
         v = u if v is None else v
         out = F.inner(self.to_matrix(x), self.to_matrix(u), self.to_matrix(v), self.metric, keepdim=keepdim)
         if keepdim and self.ndim > 2:
@@ -114,29 +122,41 @@ class Stiefel(Manifold):
         return out
 
     def component_inner(self, x: Tensor, u: Tensor, v: Tensor | None = None) -> Tensor:
+        """:meth:`inner` with ``keepdim=True``: ⟨U, V⟩_X per matrix, its ``ndim`` dims kept as size 1
+        (geoopt's per-component inner product for a manifold whose points are whole matrices)."""
         return self.inner(x, u, v, keepdim=True)
 
     def retr(self, x: Tensor, u: Tensor) -> Tensor:
+        """Retraction R_X(U) by this manifold's ``retraction`` and ``metric``
+        (:func:`~stiefel_opt.functional.retract`)."""
         return self._map(lambda a, b: F.retract(a, b, self.retraction, self.metric), x, u)
 
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
+        """Exponential map Exp_X(U): the geodesic of this manifold's ``metric`` at t = 1
+        (:func:`~stiefel_opt.functional.retract_exp`, whatever ``retraction`` is)."""
         return self._map(lambda a, b: F.retract_exp(a, b, self.metric), x, u)
 
     def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+        """Vector transport of V from X to Y by projection, P_Y(V) = V − Y sym(YᵀV) (:meth:`proju` at Y,
+        as :func:`~stiefel_opt.functional.transport`; ``x`` is unused)."""
         return self.proju(y, v)
 
     def retr_transp(self, x: Tensor, u: Tensor, v: Tensor):
+        """(Y, P_Y(V)) with Y = R_X(U) (:meth:`retr`): the retracted point and V transported to it."""
         y = self.retr(x, u)
         return y, self.transp(x, y, v)
 
     def expmap_transp(self, x: Tensor, u: Tensor, v: Tensor):
+        """(Y, P_Y(V)) with Y = Exp_X(U) (:meth:`expmap`): the geodesic end point and V transported to it."""
         y = self.expmap(x, u)
         return y, self.transp(x, y, v)
 
     def transp_follow_retr(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        """P_Y(V) with Y = R_X(U) (:meth:`retr`): V transported to the end of the retraction step."""
         return self.transp(x, self.retr(x, u), v)
 
     def transp_follow_expmap(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        """P_Y(V) with Y = Exp_X(U) (:meth:`expmap`): V transported to the end of the geodesic step."""
         return self.transp(x, self.expmap(x, u), v)
 
     def random(self, *size, dtype=None, device=None, generator=None) -> Tensor:
@@ -345,6 +365,7 @@ class SharedQSpectral(nn.Module):
         return b, self.Q.mT
 
     def matrix(self) -> Tensor:
+        """The n×n matrix Q core Qᵀ = B A of :meth:`factors`, materialized (``forward`` never forms it)."""
         b, a = self.factors()
         return b @ a
 

@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 METHODS = tuple(LAYERS)
+"""The adapter methods ``AdapterConfig(method=...)`` accepts, one layer class each:
+``"lora"``, ``"dora"``, ``"polar"``, ``"stella"``, ``"symlora"``."""
 _CONFIG_ATTR = "_stiefel_adapter_config"
 
 
@@ -88,10 +90,13 @@ class AdapterConfig:
             self.modules_to_save = [self.modules_to_save]
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (JSON-serializable); ``from_dict(c.to_dict()) == c``."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
+        """Rebuild a config from :meth:`to_dict`'s output (validated as the constructor does);
+        unknown keys raise ``ValueError``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -254,7 +259,8 @@ def merge_adapters(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Unmerge every merged adapter."""
+    """Unmerge every merged adapter layer of ``model`` in place, W ← W − ΔW (the inverse of
+    :func:`merge_adapters`; unmerged layers are left alone); returns ``model``."""
     for layer in adapter_layers(model).values():
         if layer.merged:
             layer.unmerge()

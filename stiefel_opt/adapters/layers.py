@@ -186,6 +186,7 @@ class LoraLayer(AdapterLayer):
                 nn.init.normal_(self.lora_A, std=1.0 / r)
 
     def delta_factors(self):
+        """(s·B, A): ΔW = s·B A with ``lora_B`` (out×r) and ``lora_A`` (r×in)."""
         return self.scaling * self.lora_B, self.lora_A
 
     def _delta_forward(self, x):
@@ -275,6 +276,7 @@ class _CoreLayer(AdapterLayer):
         return getattr(self, self.left), getattr(self, self.core_name), getattr(self, self.right)
 
     def delta_factors(self):
+        """(s·L C, Rᵀ): ΔW = s·L C Rᵀ, the core C applied as a diagonal or a full r×r matrix."""
         lf, c, rf = self._factors()
         b = lf * c if self.core_kind == "diag" else lf @ c
         return self.scaling * b, rf.T
@@ -331,6 +333,7 @@ class SymLoraLayer(AdapterLayer):
         self.core_kind = self.spectral.core_kind
 
     def delta_factors(self):
+        """(s·Q core, Qᵀ) from :meth:`~stiefel_opt.manifolds.SharedQSpectral.factors`: ΔW = s·Q core Qᵀ."""
         b, a = self.spectral.factors()
         return self.scaling * b, a
 

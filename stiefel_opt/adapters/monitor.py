@@ -61,6 +61,7 @@ def _callback_class():
 
         @property
         def history(self) -> list[tuple[int, Report]]:
+            """The monitor's (step, report) pairs so far; empty before ``on_train_begin``."""
             return [] if self.monitor is None else self.monitor.history
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):

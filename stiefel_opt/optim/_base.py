@@ -36,8 +36,9 @@ __all__ = ["BACKENDS", "STEP_FUNCTIONS", "step_function", "param_manifold", "sta
            "nonfinite_matrices"]
 
 BACKENDS = ("auto", "torch", "triton")
+"""The values of the optimizers' ``backend=`` option: ``"torch"`` (the :mod:`stiefel_opt.functional`
+steps), ``"triton"`` (the fused kernels) or ``"auto"`` (Triton for CUDA tensors when it can run)."""
 
-#: backend → {step name → batched step function}; the kernels package registers "triton" here.
 STEP_FUNCTIONS: dict[str, dict[str, Callable]] = {
     "torch": {
         "riemannian_sgd": F.riemannian_sgd_update,
@@ -48,6 +49,8 @@ STEP_FUNCTIONS: dict[str, dict[str, Callable]] = {
     # fused kernels (stiefel_opt.kernels; triton is imported on their first call only)
     "triton": _kernels.FUSED_STEPS,
 }
+"""Backend → {step name → batched step function}: ``"torch"`` holds the ``*_update`` functions of
+:mod:`stiefel_opt.functional`, ``"triton"`` is :data:`kernels.FUSED_STEPS` (same contracts)."""
 
 _LOW = (torch.float16, torch.bfloat16)
 _UNSUPPORTED_ON_MANIFOLD = ("fused", "differentiable", "capturable")

@@ -35,8 +35,10 @@ from ._base import StiefelOptimizer, nonfinite_matrices, param_manifold, stack_m
 
 __all__ = ["riemannian", "landing", "TANGENT_STATE_KEYS"]
 
-#: State entries transported (projected) after a Riemannian step when they have the parameter's shape.
 TANGENT_STATE_KEYS = ("exp_avg", "momentum_buffer", "grad_avg")
+"""Default ``tangent_state`` of :func:`riemannian`: state entries of the parameter's shape are
+transported to the new point X⁺ after each step, M ↦ P_{X⁺}(M) = M − X⁺ sym(X⁺ᵀM)
+(:func:`~stiefel_opt.functional.proj_tangent`)."""
 
 _LOW = (torch.float16, torch.bfloat16)
 
