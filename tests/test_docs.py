@@ -171,6 +171,8 @@ def test_mkdocs_build_strict(tmp_path):
         assert f'id="stiefel_opt.optim.{name}"' in api or f'id="stiefel_opt.optim.wrappers.{name}"' in api, name
     bench = (tmp_path / "site" / "benchmarks" / "index.html").read_text()
     assert "include-results" not in bench and "<table>" in bench  # the demo report was inlined
+    images = re.findall(r'<img[^>]*src="([^"]+)"', bench)
+    assert len(images) > 10 and not [src for src in images if not (tmp_path / "site" / "benchmarks" / src).is_file()]
     functional = (tmp_path / "site" / "api" / "functional" / "index.html").read_text()
     assert ":func:<code>" not in functional and "<code>safe_step</code>" in functional  # roles rendered as code
     ids = set()
