@@ -781,7 +781,9 @@ def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor 
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         v = max_exp_avg_sq
     bc1, bc2_sqrt = adam_bias_corrections(step, beta1, beta2)
-    return exp_avg / v.sqrt().add_(eps * bc2_sqrt), bc2_sqrt / bc1
+    denom = v.sqrt().add_(eps * bc2_sqrt)
+    d = exp_avg / denom if scalar_v else torch.div(exp_avg, denom, out=denom)  # no second n×p buffer
+    return d, bc2_sqrt / bc1
 
 
 def _momentum(t: Tensor, buf: Tensor | None, momentum: float, dampening: float,
