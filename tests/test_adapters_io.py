@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from test_adapters import Toy, randomize, tiny_bert, tiny_gpt2
 
 from stiefel_opt.adapters import (
@@ -17,6 +18,7 @@ from stiefel_opt.adapters import (
     merge_adapters,
     save_adapters,
 )
+from stiefel_opt.adapters.io import WEIGHTS_NAME
 
 # PEFT 0.21 reads a transformers property that transformers 5.x deprecates (third-party warning).
 PEFT_WARNING = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
@@ -91,6 +93,11 @@ def test_mismatched_model_raises_and_loads_nothing(tmp_path):
     assert type(wider.layers[0].q_proj) is torch.nn.Linear
     with pytest.raises(ValueError, match="not found"):
         load_adapters(Toy(), tmp_path / "nowhere")
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"not a safetensors file")  # an error of another type
+    fresh = Toy()
+    with pytest.raises(SafetensorError):
+        load_adapters(fresh, tmp_path)
+    assert not adapter_layers(fresh) and all(p.requires_grad for p in fresh.parameters())
 
 
 def test_saving_a_merged_model_is_refused(tmp_path):

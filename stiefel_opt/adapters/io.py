@@ -96,7 +96,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         inject_adapters(model, exact)
         try:
             return _load_tensors(model, directory, w_path)
-        except ValueError:
+        except Exception:
             _uninject(model, trainable)  # a failed load leaves the model as it was
             raise
     current = adapter_config(model)
