@@ -194,6 +194,12 @@ def _state_view(t: Tensor, tall3: Callable[[Tensor], Tensor], copy_back: list) -
     return v
 
 
+def _state_views(tall3: Callable[[Tensor], Tensor], *states: Tensor | None) -> tuple[list, list]:
+    """([:func:`_state_view` of each state tensor, None kept], the copies to write back)."""
+    copy_back: list = []
+    return [None if t is None else _state_view(t, tall3, copy_back) for t in states], copy_back
+
+
 def _write_back(copy_back: list) -> None:
     for t, v in copy_back:
         if F.is_wide(t):
@@ -220,9 +226,7 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
                                      beta1=beta1, beta2=beta2, eps=eps, lam=lam,
                                      safe_eps=safe_eps, scalar_v=scalar_v)
     core = _load()
-    copy_back: list = []
-    m3, v3, w3 = (None if t is None else _state_view(t, tall3, copy_back)
-                  for t in (exp_avg, exp_avg_sq, max_exp_avg_sq))
+    (m3, v3, w3), copy_back = _state_views(tall3, exp_avg, exp_avg_sq, max_exp_avg_sq)
     xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
     c1, c2 = F.landing_coefficients(xtx, gtx, 0.0)  # T = G·C1 + X·C2
     bc = _adam_bias(step, beta1, beta2, eps)
@@ -349,9 +353,7 @@ def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Te
                                         beta1=beta1, beta2=beta2, eps=eps, retraction=retraction,
                                         metric=metric, scalar_v=scalar_v)
     core = _load()
-    copy_back: list = []
-    m3, v3, w3 = (None if t is None else _state_view(t, tall3, copy_back)
-                  for t in (exp_avg, exp_avg_sq, max_exp_avg_sq))
+    (m3, v3, w3), copy_back = _state_views(tall3, exp_avg, exp_avg_sq, max_exp_avg_sq)
     xtx, gtx = core.gram(x3, g3, core.MODE_X_G)
     c2 = F.rgrad_coefficient(gtx, metric)
     bc = _adam_bias(step, beta1, beta2, eps)

@@ -335,7 +335,7 @@ def retract_cayley(x: Tensor, v: Tensor) -> Tensor:
     left = torch.cat([p_, x], dim=-1)
     right = torch.cat([x, -p_], dim=-1)
     rl = gram(right, left)
-    eye = torch.eye(rl.shape[-1], dtype=rl.dtype, device=rl.device)
+    eye = _eye_like(rl)
     rhs = gram(right, x)
     return x + left @ torch.linalg.solve(eye - 0.5 * rl, rhs)
 
@@ -617,7 +617,7 @@ def rite_basis(y: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor]:
     if _row_reduce() is not None:
         return _rite_basis_gram(y, rtol)
     u, r = torch.linalg.qr(y)
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device).expand_as(r)
+    eye = _eye_like(r).expand_as(r)
     r_inv = torch.linalg.solve_triangular(r, eye, upper=True)
     cond = torch.linalg.matrix_norm(r) * torch.linalg.matrix_norm(r_inv)
     if bool((cond < 1.0 / rtol).all()):
@@ -644,7 +644,7 @@ def _rite_basis_gram(y: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
     r1_pinv = q * torch.where(keep, 1.0 / torch.where(keep, sigma, 1.0), 0.0).unsqueeze(-2)
     u1 = y @ r1_pinv
     g2 = gram(u1, u1)
-    eye = torch.eye(g2.shape[-1], dtype=g2.dtype, device=g2.device).expand_as(g2)
+    eye = _eye_like(g2).expand_as(g2)
 
     def factor(keep):
         return torch.linalg.cholesky_ex(torch.where(keep.unsqueeze(-1) & keep.unsqueeze(-2), g2, eye), upper=True)
