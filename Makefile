@@ -23,4 +23,4 @@ demo: $(STAMP)
 	$(PY) -m benchmarks demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist loadgroup tests

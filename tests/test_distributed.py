@@ -341,6 +341,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# one worker runs this module under pytest-xdist (make test: --dist loadgroup), so the 2-rank
+# spawn happens once per suite, never twice side by side
+pytestmark = pytest.mark.xdist_group("spawned_ranks")
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dist") / "results.pkl")
