@@ -60,7 +60,7 @@ def _adamw(params, lr, wd_factors, wd_theta):
 
 
 def _max_diff(ps, qs):
-    return max(float((p - q).abs().max()) for p, q in zip(ps, qs))
+    return max(float((p - q).detach().abs().max()) for p, q in zip(ps, qs))
 
 
 # --- PoLAR -------------------------------------------------------------------------------------------
@@ -109,7 +109,6 @@ def test_landing_polar_field_reproduces_the_official_polar_update(lam, max_norm,
     assert _max_diff(ref, relative) > 1e-7  # the package's own convention is a different update
     if max_norm is not None:
         assert min(norms) > 2 * max_norm  # the clipping acted at every step
-    assert float(F.distance(ours[1].detach())) < 1e-2
 
 
 # --- StelLA ------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_state_dict_loads_weights_only_and_resumes_bit_identical(kind):
     assert isinstance(opt.param_groups[0]["manifold"], Stiefel)  # the live groups keep their Stiefel
 
     ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    ps2[2] = StiefelParameter(ps[2].detach().clone())
+    ps2[2] = StiefelParameter(ps[2].detach().clone(), check=False)  # landing leaves it near the manifold
     opt2 = _wrapped(kind, ps2)
     opt2.load_state_dict(loaded)
     assert isinstance(loaded["param_groups"][0]["manifold"], dict)  # the caller's dict is not changed
@@ -67,7 +67,8 @@ def test_state_dict_loads_weights_only_and_resumes_bit_identical(kind):
     _train(opt2, ps2, 3, start=3)
     for p, q in zip(ps, ps2):
         assert torch.equal(p, q)
-    assert float(F.distance(ps2[0].detach())) < 1e-5
+    if kind == "riemannian":
+        assert float(F.distance(ps2[0].detach())) < 1e-5
 
 
 def test_remove_leaves_a_weights_only_state_dict_and_rewrapping_works():

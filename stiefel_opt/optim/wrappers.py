@@ -5,14 +5,21 @@ its Riemannian gradient; after it the displacement X_new − X_old is projected 
 space at X_old and retracted, and tangent-like state (``exp_avg``, ``momentum_buffer``,
 ``grad_avg`` of the parameter's shape) is projected onto the tangent space at the new point.
 
-``landing(opt)`` (PoLAR's recipe): before the step the whole landing field
-Λ = ½(G·XᵀX − X·GᵀX) + λX(XᵀX − I) is written into ``.grad``; the optimizer then steps as usual.
+``landing(opt)`` (PoLAR's recipe): before the step the whole landing field is written into
+``.grad``: Λ = ½(G·XᵀX − X·GᵀX) + λX(XᵀX − I) (``field="relative"``, the package's λ) or
+(G·XᵀX − X·GᵀX) + λX(XᵀX − I) (``field="polar"``, PoLAR's λ); the optimizer then steps as usual.
 
 Both return the same optimizer, with ``optimizer.stiefel_handle`` set: ``.remove()`` undoes the
 wrapping. ``copy.deepcopy`` of a wrapped optimizer gives a wrapped copy. Stiefel parameters are
 found as in the package's optimizers (group ``"manifold"``, else the parameter's own manifold).
 A matrix with a non-finite gradient keeps its value (its gradient is zeroed for the inner step;
-a RuntimeWarning is issued); the inner optimizer's state for it still decays.
+a RuntimeWarning is issued); the inner optimizer's state for it still decays. A Stiefel parameter
+with a sparse gradient raises ``ValueError`` before anything is changed.
+
+``state_dict()`` holds a group's ``Stiefel`` as the plain dict ``{"manifold": "stiefel", "metric",
+"retraction", "ndim"}`` (loads with ``torch.load(weights_only=True)``); ``load_state_dict`` turns it
+back into a ``Stiefel``, keeps the current group's manifold when the loaded group has none, and
+re-checks the groups before anything is loaded.
 
 Under FSDP2 the hooks work on the local shards (:mod:`stiefel_opt.distributed`): a matrix split
 along its long side gets its Riemannian gradient, landing field, norms, retraction and state
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 
 import torch
@@ -31,9 +39,10 @@ from torch import Tensor
 from .. import distributed as _dist
 from .. import functional as F
 from ..manifolds import Stiefel, as_stiefel
-from ._base import StiefelOptimizer, nonfinite_matrices, param_manifold, stack_matrices, unstack_into
+from ._base import (StiefelOptimizer, _manifold_spec, nonfinite_matrices, param_manifold, stack_matrices,
+                    unstack_into)
 
-__all__ = ["riemannian", "landing", "TANGENT_STATE_KEYS"]
+__all__ = ["riemannian", "landing", "TANGENT_STATE_KEYS", "FIELDS"]
 
 TANGENT_STATE_KEYS = ("exp_avg", "momentum_buffer", "grad_avg")
 """Default ``tangent_state`` of :func:`riemannian`: state entries of the parameter's shape are
@@ -41,30 +50,86 @@ transported to the new point X⁺ after each step, M ↦ P_{X⁺}(M) = M − X�
 (:func:`~stiefel_opt.functional.proj_tangent`)."""
 
 _LOW = (torch.float16, torch.bfloat16)
+FIELDS = ("relative", "polar")
+"""``field`` conventions of :func:`landing`: ``relative`` Λ = ½(G·XᵀX − X·GᵀX) + λX(XᵀX − I) (the
+package's λ, as :class:`~stiefel_opt.LandingAdam`), ``polar`` (G·XᵀX − X·GᵀX) + λX(XᵀX − I) =
+(GXᵀ − XGᵀ)X + λX(XᵀX − I) (PoLAR's λ; λ_polar = 2·λ_relative gives twice the relative field)."""
 
 
-def _buckets(optimizer, wrap: "_Wrap") -> dict:
-    """Group Stiefel parameters that have a gradient by (local matrix shape, dtype, device, metric,
-    retraction, shard layout): {key: (params, local params, local gradients)}. The wrapper's
-    retraction and metric override the manifold's; a landing wrapper retracts nothing (None)."""
-    out: dict = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
+def _group_manifold(group: dict, where: str) -> Stiefel | None:
+    """The group's declared manifold as a ``Stiefel`` (or None), normalized in place: accepts what
+    :func:`~stiefel_opt.manifolds.as_stiefel` does and the plain dict of a state dict."""
+    m = group.get("manifold")
+    if isinstance(m, dict):
+        spec = {k: v for k, v in m.items() if k != "manifold"}
+        if m.get("manifold") != "stiefel" or set(spec) - {"metric", "retraction", "ndim"}:
+            raise ValueError(f"{where} has manifold {m!r}: expected {{'manifold': 'stiefel', 'metric': ..., "
+                             "'retraction': ..., 'ndim': ...}")
+        try:
+            m = Stiefel(**spec)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where} has manifold {m!r}: {err}") from None
+    else:
+        m = as_stiefel(m)
+    if "manifold" in group:
+        group["manifold"] = m
+    return m
+
+
+def _describe(group: dict, gi: int, pi: int, p: Tensor) -> str:
+    """How an error names a parameter: its name when the group has ``param_names``, else its index."""
+    names = group.get("param_names")
+    if names is not None:
+        return f"parameter {names[pi]!r} (param group {gi}, shape {tuple(p.shape)})"
+    return f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+
+
+def _tall_rows(p: Tensor, m: Stiefel) -> int:
+    """Row count n of the tall form of ``p``'s (global) matrices."""
+    shape = p.shape[p.dim() - m.ndim:]
+    return max(shape[0], math.prod(shape[1:]))
+
+
+def _stiefel_params(optimizer, kind: str):
+    """(group, parameter, manifold) of every Stiefel parameter with a gradient; ``ValueError`` naming
+    the parameter for a sparse gradient."""
+    out = []
+    for gi, group in enumerate(optimizer.param_groups):
+        _group_manifold(group, f"{kind}(): param group {gi}")
+        for pi, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             m = param_manifold(group, p)
             if m is None:
                 continue
-            met = wrap.metric or m.metric
-            method = (wrap.retraction or m.retraction) if wrap.kind == "riemannian" else None
-            checked = m if met == m.metric else Stiefel(met, m.retraction, m.ndim)  # what local_parts checks
-            x, g, layout = _dist.local_parts(p, checked, optimizer, group, method)
-            mshape = tuple(m.to_matrix(x).shape[-2:])
-            key = (mshape, p.dtype, p.device, met, method, m.ndim, layout)
-            ps, xs, gs = out.setdefault(key, ([], [], []))
-            ps.append(p)
-            xs.append(x)
-            gs.append(g)
+            if p.grad.layout != torch.strided:
+                raise ValueError(
+                    f"{kind}(): {_describe(group, gi, pi, p)} has a sparse gradient ({p.grad.layout}); Stiefel "
+                    "parameters need dense gradients (e.g. nn.Embedding(sparse=False)), or leave this "
+                    "parameter out of the Stiefel groups"
+                )
+            out.append((group, p, m))
+    return out
+
+
+def _buckets(optimizer, wrap: "_Wrap", items: list) -> dict:
+    """Group the Stiefel parameters ``items`` (of :func:`_stiefel_params`) by (local matrix shape,
+    dtype, device, metric, retraction, shard layout, displacement scale): {key: (params, local params,
+    local gradients)}. The wrapper's retraction and metric override the manifold's; a landing
+    wrapper retracts nothing (None)."""
+    out: dict = {}
+    for group, p, m in items:
+        met = wrap.metric or m.metric
+        method = (wrap.retraction or m.retraction) if wrap.kind == "riemannian" else None
+        checked = m if met == m.metric else Stiefel(met, m.retraction, m.ndim)  # what local_parts checks
+        x, g, layout = _dist.local_parts(p, checked, optimizer, group, method)
+        mshape = tuple(m.to_matrix(x).shape[-2:])
+        scale = None if wrap.hidden_size is None else math.sqrt(wrap.hidden_size / _tall_rows(p, m))
+        key = (mshape, p.dtype, p.device, met, method, m.ndim, layout, scale)
+        ps, xs, gs = out.setdefault(key, ([], [], []))
+        ps.append(p)
+        xs.append(x)
+        gs.append(g)
     return out
 
 
@@ -79,24 +144,55 @@ def _gather(ts: list[Tensor], mshape) -> Tensor:
 
 
 class _Wrap:
-    """The pre/post step hooks of one wrapping (a picklable, deep-copyable object)."""
+    """The options and the pre/post step and state-dict hooks of one wrapping (picklable, deep-copyable)."""
 
-    def __init__(self, kind: str, retraction: str | None, metric: str | None, lam: float,
-                 clip: float | None, safe_eps: float | None, tangent_keys: tuple[str, ...]):
+    def __init__(self, kind: str, *, retraction: str | None = None, metric: str | None = None,
+                 tangent_keys: tuple[str, ...] = (), hidden_size: float | None = None, lam: float = 0.0,
+                 field: str = "relative", clip: float | None = None, safe_eps: float | None = None,
+                 max_grad_norm: float | None = None, allow_weight_decay: bool = False):
         self.kind = kind
         self.retraction = retraction
         self.metric = metric
+        self.tangent_keys = tuple(tangent_keys)
+        self.hidden_size = hidden_size
         self.lam = lam
+        self.field = field
         self.clip = clip
         self.safe_eps = safe_eps
-        self.tangent_keys = tuple(tangent_keys)
+        self.max_grad_norm = max_grad_norm
+        self.allow_weight_decay = allow_weight_decay
         self.handles: list = []
         self._saved: list = []
+
+    def fresh(self) -> "_Wrap":
+        """A wrapping with the same options and no hooks attached."""
+        new = copy.copy(self)
+        new.handles, new._saved = [], []
+        return new
+
+    def check_groups(self, groups, where: str = "param group") -> None:
+        """Normalize each group's manifold; ``ValueError`` for a landing Stiefel group with weight decay
+        unless ``allow_weight_decay``. ``groups``: [(group dict, its parameters)]."""
+        for i, (group, params) in enumerate(groups):
+            _group_manifold(group, f"{self.kind}(): {where} {i}")
+            if self.kind != "landing" or self.allow_weight_decay or not group.get("weight_decay", 0):
+                continue
+            if any(param_manifold(group, p) is not None for p in params):
+                raise ValueError(
+                    f"landing(): {where} {i} holds Stiefel parameters and has weight_decay="
+                    f"{group['weight_decay']}, which pulls X towards 0 against the landing term; put the "
+                    "Stiefel parameters in a group with weight_decay=0, or pass allow_weight_decay=True "
+                    "to keep it (PoLAR's GLUE runs decay X and Y)"
+                )
 
     def pre(self, optimizer, args, kwargs):
         self._saved = []
         with torch.no_grad():
-            for (mshape, _, _, metric, method, _, layout), (ps, xs, gs) in _buckets(optimizer, self).items():
+            items = _stiefel_params(optimizer, self.kind)
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], self.max_grad_norm)
+            for (mshape, _, _, metric, method, _, layout, scale), (ps, xs, gs) in _buckets(optimizer, self, items).items():
                 x = _gather(xs, mshape)
                 g = _gather(gs, mshape)
                 bad = _dist.agree(nonfinite_matrices(g), layout)
@@ -109,13 +205,17 @@ class _Wrap:
                 else:
                     bad = None
                 unstack_into(gs, _on_shards(self._field, layout)(x, g, metric=metric))
-                self._saved.append((ps, mshape, metric, method, x.clone(), bad, layout))
+                self._saved.append((ps, mshape, metric, method, scale, x.clone(), bad, layout))
 
     def _field(self, x: Tensor, g: Tensor, metric: str) -> Tensor:
-        """The gradient handed to the inner optimizer: rgrad(X, G), or the (clipped) landing field."""
+        """The gradient handed to the inner optimizer: rgrad(X, G), or the (clipped) landing field;
+        the polar field is 2·Λ_relative(λ/2) (exact: powers of two)."""
         if self.kind == "riemannian":
             return F.egrad2rgrad(x, g, metric)
-        field = F.landing_field(x, g, self.lam)
+        if self.field == "polar":
+            field = 2.0 * F.landing_field(x, g, self.lam / 2.0)
+        else:
+            field = F.landing_field(x, g, self.lam)
         if self.clip is not None:
             norm = F._frobenius(field).clamp_min(torch.finfo(field.dtype).tiny)
             field = field * (self.clip / norm).clamp_max(1.0)[..., None, None]
@@ -123,11 +223,12 @@ class _Wrap:
 
     def post(self, optimizer, args, kwargs):
         with torch.no_grad():
-            for ps, mshape, metric, method, x_old, bad, layout in self._saved:
+            for ps, mshape, metric, method, scale, x_old, bad, layout in self._saved:
                 xs = [_local(p) for p in ps]
                 x_new = _gather(xs, mshape)
                 if self.kind == "riemannian":
-                    x_new = _on_shards(_retract_displacement, layout)(x_old, x_new, method=method, metric=metric)
+                    x_new = _on_shards(_retract_displacement, layout)(x_old, x_new, method=method, metric=metric,
+                                                                      scale=scale)
                 elif self.safe_eps is not None:
                     x_new = _on_shards(_backtrack, layout)(x_old, x_new, eps=self.safe_eps)
                 if bad is not None:
@@ -147,15 +248,39 @@ class _Wrap:
                 continue
             unstack_into(ts, _on_shards(F.proj_tangent, layout)(y, _gather(ts, mshape)))
 
+    def state_dict_post(self, optimizer, state_dict):
+        """Each group's ``Stiefel`` becomes its plain-dict spec (the groups are fresh copies)."""
+        for group in state_dict["param_groups"]:
+            if isinstance(group.get("manifold"), Stiefel):
+                group["manifold"] = _manifold_spec(group["manifold"])
+        return state_dict
+
+    def load_pre(self, optimizer, state_dict):
+        """A copy of ``state_dict`` whose groups hold ``Stiefel`` objects (a group without a manifold
+        keeps the current group's), checked like the groups at wrapping; the argument is not changed."""
+        state_dict = dict(state_dict)
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for group, current in zip(groups, optimizer.param_groups):
+            if "manifold" not in group and current.get("manifold") is not None:
+                group["manifold"] = current["manifold"]
+        self.check_groups([(g, cur["params"]) for g, cur in zip(groups, optimizer.param_groups)],
+                          "loaded param group")
+        state_dict["param_groups"] = groups
+        return state_dict
+
 
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor, else the tensor."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _retract_displacement(x_old: Tensor, x_new: Tensor, method: str, metric: str) -> Tensor:
-    """R_{X_old}(P_{X_old}(X_new − X_old)): StelLA's projection of the inner step, then the retraction."""
-    return F.retract(x_old, F.proj_tangent(x_old, x_new - x_old), method, metric)
+def _retract_displacement(x_old: Tensor, x_new: Tensor, method: str, metric: str, scale: float | None) -> Tensor:
+    """R_{X_old}(P_{X_old}(s·(X_new − X_old))), s = ``scale`` or 1: StelLA's projection of the inner
+    step, then the retraction."""
+    delta = x_new - x_old
+    if scale is not None:
+        delta = delta * scale
+    return F.retract(x_old, F.proj_tangent(x_old, delta), method, metric)
 
 
 def _backtrack(x_old: Tensor, x_new: Tensor, eps: float, halvings: int = 30) -> Tensor:
@@ -187,11 +312,15 @@ class StiefelHandle:
         self.wrap = wrap
 
     def remove(self) -> None:
-        """Remove the hooks: the optimizer is the plain one again."""
+        """Remove the step and state-dict hooks: the optimizer is the plain one again (its groups keep
+        their manifold as the plain-dict spec, so its state dict stays weights_only-safe)."""
         for h in self.wrap.handles:
             h.remove()
         self.wrap.handles = []
         opt = self._optimizer
+        for group in opt.param_groups:
+            if isinstance(group.get("manifold"), Stiefel):
+                group["manifold"] = _manifold_spec(group["manifold"])
         opt.__dict__.pop("stiefel_handle", None)
         opt.__dict__.pop("__deepcopy__", None)
 
@@ -205,8 +334,7 @@ def _deepcopy_wrapped(optimizer, memo):
     finally:
         optimizer.__deepcopy__ = hook
         optimizer.stiefel_handle = handle
-    return _attach(new, _Wrap(wrap.kind, wrap.retraction, wrap.metric, wrap.lam, wrap.clip, wrap.safe_eps,
-                              wrap.tangent_keys))
+    return _attach(new, wrap.fresh())
 
 
 def _attach(optimizer, wrap: _Wrap):
@@ -222,52 +350,72 @@ def _attach(optimizer, wrap: _Wrap):
             f"{wrap.kind}(): this optimizer is already wrapped ({optimizer.stiefel_handle.wrap.kind}); call "
             "optimizer.stiefel_handle.remove() first"
         )
-    for i, group in enumerate(optimizer.param_groups):
-        if group.get("manifold") is not None:
-            group["manifold"] = as_stiefel(group["manifold"])
-        has_manifold = any(param_manifold(group, p) is not None for p in group["params"])
-        if wrap.kind == "landing" and has_manifold and group.get("weight_decay", 0):
-            raise ValueError(
-                f"landing(): param group {i} holds Stiefel parameters and has weight_decay="
-                f"{group['weight_decay']}, which pulls X towards 0 against the landing term; put the "
-                "Stiefel parameters in a group with weight_decay=0"
-            )
-    wrap.handles = [optimizer.register_step_pre_hook(wrap.pre), optimizer.register_step_post_hook(wrap.post)]
+    wrap.check_groups([(g, g["params"]) for g in optimizer.param_groups])
+    wrap.handles = [optimizer.register_step_pre_hook(wrap.pre), optimizer.register_step_post_hook(wrap.post),
+                    optimizer.register_state_dict_post_hook(wrap.state_dict_post),
+                    optimizer.register_load_state_dict_pre_hook(wrap.load_pre)]
     optimizer.stiefel_handle = StiefelHandle(optimizer, wrap)
     optimizer.__deepcopy__ = functools.partial(_deepcopy_wrapped, optimizer)
     return optimizer
 
 
+def _check_max_grad_norm(kind: str, max_grad_norm) -> None:
+    if max_grad_norm is not None and not 0 < max_grad_norm < math.inf:
+        raise ValueError(f"{kind}(): max_grad_norm must be None or > 0 and finite, got {max_grad_norm}")
+
+
 def riemannian(optimizer, retraction: str | None = None, metric: str | None = None,
-               tangent_state: tuple[str, ...] = TANGENT_STATE_KEYS):
+               tangent_state: tuple[str, ...] = TANGENT_STATE_KEYS, *, hidden_size: float | None = None,
+               max_grad_norm: float | None = None):
     """Make ``optimizer`` (any ``torch.optim.Optimizer``) Riemannian on its Stiefel parameters.
 
-    Before each step: G ← rgrad(X, G). After it: X ← R_{X_old}(P_{X_old}(X_new − X_old)), and the
-    state entries named in ``tangent_state`` with the parameter's shape are projected onto the
-    tangent space at the new X. ``retraction``/``metric``: None uses each parameter's manifold
-    (``Stiefel()``: polar, euclidean). Decoupled weight decay (AdamW) is normal to the manifold and
-    vanishes in the projection; coupled weight decay enters adaptive second moments — prefer a
-    group with ``weight_decay=0`` for Stiefel parameters. Returns the same optimizer.
+    Before each step: G ← rgrad(X, G) (``metric``: euclidean G − X sym(XᵀG), canonical G − X GᵀX).
+    After it: X ← R_{X_old}(P_{X_old}(s·(X_new − X_old))), and the state entries named in
+    ``tangent_state`` with the parameter's shape are projected onto the tangent space at the new X
+    (``()``: the state is left as the optimizer made it). ``hidden_size``: s = √(hidden_size / n),
+    n the row count of the matrix's tall form (StelLA's displacement scaling); None: s = 1.
+    ``max_grad_norm``: first clip the raw gradients of all the optimizer's parameters to this total
+    2-norm (``torch.nn.utils.clip_grad_norm_``). ``retraction``/``metric``: None uses each parameter's
+    manifold (``Stiefel()``: polar, euclidean). Decoupled weight decay (AdamW) is normal to the
+    manifold and vanishes in the projection; coupled weight decay enters adaptive second moments —
+    prefer a group with ``weight_decay=0`` for Stiefel parameters. Returns the same optimizer.
     """
     if retraction is not None and retraction not in F.RETRACTIONS:
         raise ValueError(f"riemannian(): retraction must be one of {tuple(F.RETRACTIONS)}, got {retraction!r}")
     if metric is not None and metric not in F.METRICS:
         raise ValueError(f"riemannian(): metric must be one of {F.METRICS}, got {metric!r}")
-    return _attach(optimizer, _Wrap("riemannian", retraction, metric, 0.0, None, None, tangent_state))
+    if hidden_size is not None and not 0 < hidden_size < math.inf:
+        raise ValueError(f"riemannian(): hidden_size must be None or > 0 and finite, got {hidden_size}")
+    _check_max_grad_norm("riemannian", max_grad_norm)
+    return _attach(optimizer, _Wrap("riemannian", retraction=retraction, metric=metric, tangent_keys=tangent_state,
+                                    hidden_size=hidden_size, max_grad_norm=max_grad_norm))
 
 
-def landing(optimizer, lam: float = 1.0, clip: float | None = None, safe_eps: float | None = None):
+def landing(optimizer, lam: float = 1.0, clip: float | None = None, safe_eps: float | None = None, *,
+            field: str = "relative", max_grad_norm: float | None = None, allow_weight_decay: bool = False):
     """Make ``optimizer`` a landing optimizer on its Stiefel parameters (PoLAR's recipe).
 
-    Before each step: G ← Λ = ½(G·XᵀX − X·GᵀX) + λX(XᵀX − I) (O(np²)); ``clip``: rescale Λ per
-    matrix to Frobenius norm ≤ clip. ``safe_eps``: after the step, shrink each matrix's displacement
-    (halving) until ‖XᵀX − I‖_F ≤ max(safe_eps, its value before the step); None (default) leaves
-    the step as the optimizer made it. Returns the same optimizer.
+    Before each step, in this order: ``max_grad_norm`` clips the raw gradients of all the optimizer's
+    parameters to this total 2-norm (``torch.nn.utils.clip_grad_norm_``, PoLAR's Trainer clipping);
+    then G ← Λ, O(np²) (:data:`FIELDS`):
+
+    - ``field="relative"`` (default): Λ = ½(G·XᵀX − X·GᵀX) + λX(XᵀX − I), λ in the package's units;
+    - ``field="polar"``: Λ = (G·XᵀX − X·GᵀX) + λX(XᵀX − I) = (GXᵀ − XGᵀ)X + λX(XᵀX − I), λ in
+      PoLAR's units (``lam=5e-3`` for LLMs, ``1.0`` for GLUE in the official runs).
+
+    ``clip``: rescale Λ per matrix to Frobenius norm ≤ clip. ``safe_eps``: after the step, shrink each
+    matrix's displacement (halving) until ‖XᵀX − I‖_F ≤ max(safe_eps, its value before the step); None
+    (default) leaves the step as the optimizer made it. A Stiefel group with ``weight_decay`` > 0 is
+    refused unless ``allow_weight_decay=True``. Returns the same optimizer.
     """
-    if not lam > 0:
-        raise ValueError(f"landing(): lam must be > 0, got {lam}")
+    if not 0 < lam < math.inf:
+        raise ValueError(f"landing(): lam must be > 0 and finite, got {lam}")
+    if field not in FIELDS:
+        raise ValueError(f"landing(): field must be one of {FIELDS}, got {field!r}")
     if clip is not None and not clip > 0:
         raise ValueError(f"landing(): clip must be None or > 0, got {clip}")
     if safe_eps is not None and not 0.0 < safe_eps < 1.0:
         raise ValueError(f"landing(): safe_eps must be None or lie in (0, 1), got {safe_eps}")
-    return _attach(optimizer, _Wrap("landing", None, None, lam, clip, safe_eps, ()))
+    _check_max_grad_norm("landing", max_grad_norm)
+    return _attach(optimizer, _Wrap("landing", lam=lam, field=field, clip=clip, safe_eps=safe_eps,
+                                    max_grad_norm=max_grad_norm, allow_weight_decay=allow_weight_decay))
