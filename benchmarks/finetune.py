@@ -136,7 +136,7 @@ def load_cached(tok, model, top: int, n_train: int, n_test: int, cache_dir: Path
     digest = hashlib.sha256(WORDNET.read_bytes()).hexdigest()[:10]
     path = Path(cache_dir) / f"minilm_top{top}_train{len(train)}_test{len(test)}_len{MAX_LEN}_{digest}.pt"
     if path.is_file():
-        blob = torch.load(path)
+        blob = torch.load(path, weights_only=True)
         return classes, Cached(**blob["train"]), Cached(**blob["test"])
     tr = encode_lower(tok, model, [t for t, _ in train], [y for _, y in train], top)
     te = encode_lower(tok, model, [t for t, _ in test], [y for _, y in test], top)

@@ -5,8 +5,11 @@
 - ``feasibility(X)`` = ‖XᵀX − I‖_F (the distance landing drives to 0).
 - ``adapter_report(model)``: one row per adapter layer — any module with ``delta_factors()``
   returning (B, A), ΔW = B A, and ``stiefel_factors()`` returning its Stiefel factors by name.
+  A layer with a NaN/Inf factor is reported (``finite`` False, NaN metrics), never raised on.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -66,9 +69,11 @@ class Report(list):
         return "\n".join(lines)
 
     def summary(self) -> dict[str, float]:
-        """Means of stable rank and update norm, the worst feasibility."""
+        """Means of stable rank and update norm, the worst feasibility (NaN when a layer's is) and
+        the number of layers with non-finite factors."""
         out = {"stable_rank_mean": sum(r["stable_rank"] for r in self) / max(len(self), 1),
-               "feasibility_max": max((r["feasibility"] for r in self), default=0.0)}
+               "feasibility_max": _worst(r["feasibility"] for r in self),
+               "nonfinite_layers": sum(not r["finite"] for r in self)}
         ups = [r["update_norm"] for r in self if r.get("update_norm") is not None]
         if ups:
             out["update_norm_mean"] = sum(ups) / len(ups)
@@ -82,9 +87,10 @@ def _fmt(v) -> str:
 
 
 def adapter_report(model: nn.Module, previous: dict[str, tuple[Tensor, Tensor]] | None = None) -> Report:
-    """One row per adapter layer of ``model``: module, method, r, ‖ΔW‖_F, stable rank of ΔW, the
-    worst ‖XᵀX − I‖_F over its Stiefel factors (0 if none) and, when ``previous`` maps module
-    names to earlier factors (B, A), the update norm ‖ΔW − ΔW_prev‖_F."""
+    """One row per adapter layer of ``model``: module, method, r, whether its factors are finite,
+    ‖ΔW‖_F, stable rank of ΔW, the worst ‖XᵀX − I‖_F over its Stiefel factors (0 if none) and,
+    when ``previous`` maps module names to earlier factors (B, A), the update norm
+    ‖ΔW − ΔW_prev‖_F. The metrics of a layer with non-finite factors are NaN."""
     rows = Report()
     for name, m in model.named_modules():
         if not callable(getattr(m, "delta_factors", None)):
@@ -92,20 +98,30 @@ def adapter_report(model: nn.Module, previous: dict[str, tuple[Tensor, Tensor]] 
         with torch.no_grad():
             b, a = m.delta_factors()
             stiefel = m.stiefel_factors() if callable(getattr(m, "stiefel_factors", None)) else {}
+            finite = all(bool(torch.isfinite(t).all()) for t in (b, a, *stiefel.values()))
+            nan = float("nan")
             row = {
                 "module": name,
                 "method": getattr(m, "method", type(m).__name__),
                 "r": b.shape[-1],
-                "delta_norm": lowrank_norm(b, a),
-                "stable_rank": stable_rank(b, a),
-                "feasibility": max((feasibility(x) for x in stiefel.values()), default=0.0),
+                "finite": finite,
+                "delta_norm": lowrank_norm(b, a) if finite else nan,
+                "stable_rank": stable_rank(b, a) if finite else nan,
+                "feasibility": _worst(feasibility(x) for x in stiefel.values()),
                 "update_norm": None,
             }
             if previous is not None and name in previous:
                 b0, a0 = previous[name]
-                row["update_norm"] = lowrank_norm(torch.cat([b, -b0.to(b)], -1), torch.cat([a, a0.to(a)], -2))
+                moved = lowrank_norm(torch.cat([b, -b0.to(b)], -1), torch.cat([a, a0.to(a)], -2))
+                row["update_norm"] = moved if finite else nan
         rows.append(row)
     return rows
+
+
+def _worst(values) -> float:
+    """The largest value, NaN if any is NaN (Python's ``max`` skips a NaN that is not first); 0 if none."""
+    values = list(values)
+    return float("nan") if any(math.isnan(v) for v in values) else max(values, default=0.0)
 
 
 def snapshot(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:

@@ -1,5 +1,6 @@
 """Adapter layers: forward = base + x ΔWᵀ (dense), merge/unmerge, init, injection rules, gradients."""
 import math
+import re
 
 import pytest
 import torch
@@ -475,3 +476,70 @@ def test_adapters_follow_model_dtype_casts(method):
     layer = adapter_layers(m)["layers.0.q_proj"]
     torch.testing.assert_close(layer(x), dense_forward(layer, x), rtol=1e-10, atol=1e-10)
     assert m(x).dtype == torch.float64
+
+
+# --- clear errors and meta-device construction (issue 14) ---------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_injection_on_the_meta_device(method):
+    """Large models are built on meta, then materialized: every method injects there too."""
+    with torch.device("meta"):
+        m = Toy()
+    inject_adapters(m, AdapterConfig(method, r=2, target_modules=["q_proj", "v_proj"]))
+    layers = adapter_layers(m)
+    assert len(layers) == 4
+    assert all(p.is_meta for p in m.parameters())
+    for layer in layers.values():
+        for p in layer.stiefel_factors().values():
+            assert isinstance(p, StiefelParameter) and p.shape == (8, 2)
+
+
+def test_svd_init_on_the_meta_device():
+    with torch.device("meta"):
+        m = Toy()
+    inject_adapters(m, AdapterConfig("polar", r=2, target_modules=["q_proj"], init="svd"))
+    assert m.layers[0].q_proj.X.is_meta
+
+
+@pytest.mark.parametrize("field,value", [("target_modules", 5), ("target_modules", ["q_proj", 3]),
+                                         ("exclude_modules", 1.5), ("modules_to_save", [None]),
+                                         ("lora_alpha", "8"), ("lora_dropout", None), ("use_rslora", "yes")])
+def test_config_field_of_wrong_type_names_the_field(field, value):
+    kw = {"target_modules": ["q_proj"], field: value}
+    with pytest.raises(TypeError, match=rf"AdapterConfig: {field} must be"):
+        AdapterConfig("lora", r=2, **kw)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf")])
+def test_config_lora_alpha_must_be_finite(alpha):
+    with pytest.raises(ValueError, match="lora_alpha must be finite"):
+        AdapterConfig("lora", r=2, lora_alpha=alpha, target_modules=["q_proj"])
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules", "modules_to_save"])
+def test_config_list_entries_must_be_non_empty(field):
+    kw = {"target_modules": ["q_proj"], field: ["q_proj", ""]}
+    with pytest.raises(ValueError, match=rf"AdapterConfig: {field} has an empty entry"):
+        AdapterConfig("lora", r=2, **kw)
+
+
+def test_stiefel_parameter_and_constrain_on_the_meta_device():
+    from stiefel_opt.manifolds import constrain
+
+    p = StiefelParameter(torch.empty(6, 3, device="meta"))
+    assert p.is_meta and p.shape == (6, 3)
+    assert StiefelParameter.random(6, 3, device="meta").is_meta
+    for init in ("project", "keep", "random"):
+        lin = nn.Linear(3, 6, device="meta")
+        assert constrain(lin, init=init).is_meta and isinstance(lin.weight, StiefelParameter)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (2, 0, 3)])
+def test_zero_size_stiefel_data_is_refused(shape):
+    from stiefel_opt.manifolds import constrain
+
+    with pytest.raises(ValueError, match=rf"StiefelParameter: .*{re.escape(str(shape))} is zero-size"):
+        StiefelParameter(torch.empty(shape))
+    lin = nn.Linear(3, 6)
+    lin.weight = nn.Parameter(torch.empty(shape))
+    with pytest.raises(ValueError, match=r"constrain\(Linear\.weight\): .*zero-size"):
+        constrain(lin)

@@ -1,10 +1,11 @@
 """Adapter state dict, save → load, mismatch errors, and exact export to a real PEFT LoRA load."""
 import copy
+import hashlib
 import json
+import os
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from test_adapters import Toy, randomize, tiny_bert, tiny_gpt2
 
 from stiefel_opt.adapters import (
@@ -18,7 +19,7 @@ from stiefel_opt.adapters import (
     merge_adapters,
     save_adapters,
 )
-from stiefel_opt.adapters.io import WEIGHTS_NAME
+from stiefel_opt.adapters.io import CONFIG_NAME, WEIGHTS_NAME
 
 # PEFT 0.21 reads a transformers property that transformers 5.x deprecates (third-party warning).
 PEFT_WARNING = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
@@ -93,9 +94,13 @@ def test_mismatched_model_raises_and_loads_nothing(tmp_path):
     assert type(wider.layers[0].q_proj) is torch.nn.Linear
     with pytest.raises(ValueError, match="not found"):
         load_adapters(Toy(), tmp_path / "nowhere")
-    (tmp_path / WEIGHTS_NAME).write_bytes(b"not a safetensors file")  # an error of another type
+    garbage = b"not a safetensors file"  # with a matching digest: the file itself is unreadable
+    (tmp_path / WEIGHTS_NAME).write_bytes(garbage)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta["weights_sha256"] = hashlib.sha256(garbage).hexdigest()
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
     fresh = Toy()
-    with pytest.raises(SafetensorError):
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME} is not a readable safetensors file"):
         load_adapters(fresh, tmp_path)
     assert not adapter_layers(fresh) and all(p.requires_grad for p in fresh.parameters())
 
@@ -155,3 +160,62 @@ def test_dora_export_uses_peft_magnitude_key(tmp_path):
     assert "base_model.model.layers.0.q_proj.lora_magnitude_vector" in keys
     assert "base_model.model.layers.0.q_proj.lora_A.weight" in keys
     assert len(keys) == 6
+
+
+# --- atomic saves (issue 14) ---------------------------------------------------------------------
+def test_save_replaces_a_planted_symlink_instead_of_following_it(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        (ckpt / name).symlink_to(victim)
+    model = adapted(Toy(), AdapterConfig("polar", r=2, target_modules=["q_proj"]))
+    save_adapters(model, ckpt)
+    assert victim.read_text() == "keep me"
+    assert not any((ckpt / n).is_symlink() for n in (WEIGHTS_NAME, CONFIG_NAME))
+    assert torch.equal(load_adapters(Toy(), ckpt).layers[0].q_proj.X, model.layers[0].q_proj.X)
+    export_peft(model, tmp_path / "peft")
+    (tmp_path / "peft" / "adapter_config.json").unlink()
+    (tmp_path / "peft" / "adapter_config.json").symlink_to(victim)
+    export_peft(model, tmp_path / "peft")
+    assert victim.read_text() == "keep me"
+
+
+def test_interrupted_save_leaves_the_old_checkpoint_or_a_clear_error(tmp_path, monkeypatch):
+    old = adapted(Toy(), AdapterConfig("lora", r=2, lora_alpha=40, target_modules=["q_proj"]))
+    save_adapters(old, tmp_path)
+    new = adapted(Toy(), AdapterConfig("lora", r=2, lora_alpha=2, target_modules=["q_proj"]))
+    real_replace = os.replace
+
+    def killed_after_weights(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(WEIGHTS_NAME):
+            raise KeyboardInterrupt  # the process dies between the two renames
+
+    monkeypatch.setattr(os, "replace", killed_after_weights)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapters(new, tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temp left
+    fresh = Toy()
+    with pytest.raises(ValueError, match="digest"):  # new weights, old scaling: refused, not loaded
+        load_adapters(fresh, tmp_path)
+    assert not adapter_layers(fresh)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    base = Toy()
+    model = adapted(copy.deepcopy(base), AdapterConfig("polar", r=2, target_modules=["q_proj"]))
+    save_adapters(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_adapters(adapted(Toy(), AdapterConfig("polar", r=2, target_modules=["q_proj"])), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    x = torch.randn(3, 8)
+    assert torch.equal(load_adapters(base, tmp_path)(x), model(x))

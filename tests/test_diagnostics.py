@@ -1,4 +1,6 @@
 """stable_rank, feasibility, lowrank_norm, adapter_report and the monitor."""
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -68,7 +70,7 @@ def test_adapter_report_rows_and_update_norm():
     assert rows[1]["update_norm"] == pytest.approx(0.0, abs=1e-6)
     assert rows[0]["feasibility"] == pytest.approx(feasibility(layer.X), rel=1e-6) and rows[0]["feasibility"] > 1e-2
     text = str(rows)
-    assert text.splitlines()[0].split() == ["module", "method", "r", "delta_norm", "stable_rank",
+    assert text.splitlines()[0].split() == ["module", "method", "r", "finite", "delta_norm", "stable_rank",
                                             "feasibility", "update_norm"]
     assert len(text.splitlines()) == 3 and "layers.1.q_proj" in text
 
@@ -80,6 +82,35 @@ def test_monitor_reports_every_n_steps():
     results = [mon.step() for _ in range(5)]
     assert [r is not None for r in results] == [False, True, False, True, False]
     assert seen == [2, 4] and [s for s, _ in mon.history] == [2, 4]
-    assert set(mon.history[0][1].summary()) == {"stable_rank_mean", "feasibility_max", "update_norm_mean"}
+    assert set(mon.history[0][1].summary()) == {"stable_rank_mean", "feasibility_max", "update_norm_mean",
+                                                "nonfinite_layers"}
     with pytest.raises(ValueError, match="every"):
         AdapterMonitor(m, every=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "polar", "symlora"])
+def test_report_flags_a_nan_factor_instead_of_raising(method):
+    m = _model(method)
+    before = snapshot(m)
+    layer = adapter_layers(m)["layers.1.q_proj"]
+    with torch.no_grad():
+        next(p for n, p in layer.named_parameters() if not n.startswith("base_layer.")).fill_(float("nan"))
+    rows = adapter_report(m, before)
+    good, bad = rows
+    assert good["finite"] and not bad["finite"]
+    assert all(math.isnan(bad[k]) for k in ("delta_norm", "stable_rank", "update_norm"))
+    assert math.isfinite(good["stable_rank"]) and good["update_norm"] == pytest.approx(0.0, abs=1e-6)
+    summary = rows.summary()
+    assert summary["nonfinite_layers"] == 1 and math.isnan(summary["stable_rank_mean"])
+    if method != "lora":
+        assert math.isnan(bad["feasibility"]) and math.isnan(summary["feasibility_max"])
+    assert "nan" in str(rows)
+
+
+def test_monitor_keeps_running_through_a_nan_factor():
+    m = _model("polar")
+    mon = AdapterMonitor(m, every=1)
+    with torch.no_grad():
+        m.layers[0].q_proj.X.fill_(float("nan"))
+    report = mon.step()
+    assert report.summary()["nonfinite_layers"] == 1 and len(mon.history) == 1

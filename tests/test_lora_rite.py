@@ -90,7 +90,7 @@ def test_invariant_with_escaped_mass_off_and_no_clip():
 
 
 def test_rank_one_is_normalized_factor_descent():
-    """r = 1, β₁ = β₂ = 0, ε = 0: δA = −η √in ∇_A/(‖∇_A‖ ‖B‖) and δB = −η √out ∇_B/(‖∇_B‖ ‖A‖)."""
+    """r = 1, β₁ = β₂ = 0, ε → 0: δA = −η √in ∇_A/(‖∇_A‖ ‖B‖) and δB = −η √out ∇_B/(‖∇_B‖ ‖A‖)."""
     out, inp, lr = 9, 7, 0.1
     a = torch.randn(1, inp, dtype=torch.float64, requires_grad=True)
     b = torch.randn(out, 1, dtype=torch.float64, requires_grad=True)
@@ -98,7 +98,7 @@ def test_rank_one_is_normalized_factor_descent():
     (g * (b @ a)).sum().backward()
     ga, gb = a.grad.clone(), b.grad.clone()
     a0, b0 = a.detach().clone(), b.detach().clone()
-    LoRARITE([(a, b)], lr=lr, betas=(0.0, 0.0), eps=0.0, escaped_mass=False, clip=None).step()
+    LoRARITE([(a, b)], lr=lr, betas=(0.0, 0.0), eps=1e-300, escaped_mass=False, clip=None).step()
     da = -lr * math.sqrt(inp) * ga / (ga.norm() * b0.norm())
     db = -lr * math.sqrt(out) * gb / (gb.norm() * a0.norm())
     torch.testing.assert_close(a.detach() - a0, da, rtol=1e-10, atol=1e-12)
@@ -432,6 +432,9 @@ def test_errors_name_the_pair():
         LoRARITE([(a, b)], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="nonfinite"):
         LoRARITE([{"pairs": [(a, b)], "nonfinite": "ignore"}])
+    for eps in (0.0, -1e-8, float("nan")):  # ε = 0 divides by zero on a zero gradient
+        with pytest.raises(ValueError, match=r"LoRARITE: eps must be > 0"):
+            LoRARITE([(a, b)], eps=eps)
 
 
 def test_weight_decay_is_decoupled_and_zero_gradient_gives_no_step():

@@ -10,6 +10,8 @@ Matching (module names as ``model.named_modules()`` gives them):
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
@@ -67,8 +69,16 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig: method must be one of {METHODS}, got {self.method!r}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"AdapterConfig: r must be a positive int, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        for name in ("lora_alpha", "lora_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"AdapterConfig: {name} must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(self.lora_alpha):
+            raise ValueError(f"AdapterConfig: lora_alpha must be finite, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"AdapterConfig: lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"AdapterConfig: use_rslora must be a bool, got {self.use_rslora!r}")
         if self.target_modules is None:
             raise ValueError(
                 "AdapterConfig: target_modules is required: a regex string, a list of module names "
@@ -88,6 +98,8 @@ class AdapterConfig:
                 setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        for name, regex_ok in (("target_modules", True), ("exclude_modules", True), ("modules_to_save", False)):
+            _check_names(name, getattr(self, name), regex_ok)
 
     def to_dict(self) -> dict:
         """The fields as a plain dict (JSON-serializable); ``from_dict(c.to_dict()) == c``."""
@@ -102,6 +114,18 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"AdapterConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
+
+
+def _check_names(field_name: str, value, regex_ok: bool) -> None:
+    """``value`` is None, a (regex) string when ``regex_ok``, or a list of non-empty strings."""
+    if value is None or (regex_ok and isinstance(value, str)):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        kinds = "a regex string or a list of module names" if regex_ok else "a list of module names"
+        raise TypeError(f"AdapterConfig: {field_name} must be {kinds}, got {value!r}")
+    if "" in value:
+        raise ValueError(f"AdapterConfig: {field_name} has an empty entry (it would match the root module), "
+                         f"got {value!r}")
 
 
 def _matches_list(name: str, entries) -> bool:

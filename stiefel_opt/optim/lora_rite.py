@@ -154,8 +154,8 @@ class LoRARITE(torch.optim.Optimizer):
             raise ValueError(f"LoRARITE: lr must be >= 0, got {lr}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"LoRARITE: betas must be two values in [0, 1), got {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"LoRARITE: eps must be >= 0, got {eps}")
+        if not eps > 0.0:
+            raise ValueError(f"LoRARITE: eps must be > 0 (it keeps (V + ρI)^(-1/2) finite on a zero gradient), got {eps}")
         if not wd >= 0.0:
             raise ValueError(f"LoRARITE: weight_decay must be >= 0, got {wd}")
         if group["nonfinite"] not in ("skip", "raise"):
