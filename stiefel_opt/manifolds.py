@@ -215,7 +215,10 @@ def _check_data(data: Tensor, what: str, ndim: int = 2) -> None:
         )
     if not data.is_floating_point():
         raise TypeError(f"{what}: a Stiefel parameter must be floating point, got {data.dtype}")
-    if not bool(torch.isfinite(data).all()):
+    if data.numel() == 0:
+        raise ValueError(f"{what}: the tensor of shape {tuple(data.shape)} is zero-size; a Stiefel "
+                         "parameter needs every dimension >= 1")
+    if not data.is_meta and not bool(torch.isfinite(data).all()):  # meta tensors have no values
         raise ValueError(f"{what}: the tensor has non-finite entries")
 
 
@@ -230,7 +233,7 @@ class StiefelParameter(ManifoldParameter):
     ``StiefelParameter(data)`` checks that ``data`` is orthonormal (columns if tall, rows if
     wide) and raises ``ValueError`` otherwise; pass ``check=False`` for a point off the manifold
     that a landing optimizer will pull back, or build one with :meth:`random` /
-    ``Stiefel().projx(data)``.
+    ``Stiefel().projx(data)``. On the meta device only the shape and dtype are checked.
     """
 
     def __new__(cls, data: Tensor | None = None, manifold: Stiefel | None = None,
@@ -241,7 +244,7 @@ class StiefelParameter(ManifoldParameter):
         if data is None:
             raise ValueError("StiefelParameter: data is required (use StiefelParameter.random(n, p))")
         _check_data(data, "StiefelParameter", getattr(manifold, "ndim", 2))
-        if check and isinstance(manifold, Stiefel):
+        if check and isinstance(manifold, Stiefel) and not data.is_meta:
             m = manifold.to_matrix(data.detach())
             d = float(F.distance(m).max())
             tol = _tolerance(data.dtype, min(m.shape[-2:]))
@@ -321,7 +324,7 @@ def constrain(module: nn.Module, name: str = "weight", manifold: Stiefel | None 
         )
     with torch.no_grad():
         data = param.detach()
-        if init == "project":
+        if init == "project" and not data.is_meta:  # a meta weight has no values to project
             try:
                 data = manifold.projx(data)
             except ValueError as err:
