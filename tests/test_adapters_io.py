@@ -219,3 +219,13 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     x = torch.randn(3, 8)
     assert torch.equal(load_adapters(base, tmp_path)(x), model(x))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), 2.0])
+def test_a_stiefel_factor_far_off_the_manifold_is_not_saved(tmp_path, scale):
+    model = adapted(Toy(), AdapterConfig("polar", r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        model.layers[1].q_proj.Y.mul_(scale)
+    with pytest.raises(ValueError, match=r"layers\.1\.q_proj\.Y .*not saved"):
+        save_adapters(model, tmp_path)
+    assert not any(tmp_path.iterdir())
