@@ -185,8 +185,9 @@ def test_new_options_are_validated():
 
 
 def test_max_grad_norm_clips_every_parameter_like_clip_grad_norm_before_the_field():
-    """The field is written from the clipped gradients of all the optimizer's parameters (a Stiefel
-    factor and a plain one), exactly as torch.nn.utils.clip_grad_norm_ then the field would."""
+    """The landing field / Riemannian gradient is built from the clipped gradients of all the
+    optimizer's parameters (a Stiefel factor and a plain one), exactly as
+    torch.nn.utils.clip_grad_norm_ followed by the field would."""
     torch.manual_seed(1)
     x = torch.nn.Parameter(F.random_point(12, 3, dtype=F64))
     w = torch.nn.Parameter(torch.randn(5, dtype=F64))
@@ -194,12 +195,22 @@ def test_max_grad_norm_clips_every_parameter_like_clip_grad_norm_before_the_fiel
     holder = [torch.nn.Parameter(torch.zeros(12, 3, dtype=F64)), torch.nn.Parameter(torch.zeros(5, dtype=F64))]
     holder[0].grad, holder[1].grad = gx.clone(), gw.clone()
     torch.nn.utils.clip_grad_norm_(holder, 0.5)
-    z, g = x.detach(), holder[0].grad
+    z, g = x.detach().clone(), holder[0].grad
     expected_x = z - (g @ (z.T @ z) - z @ (g.T @ z) + 0.5 * z @ (z.T @ z - torch.eye(3, dtype=F64)))
-    expected_w = w.detach() - holder[1].grad
+    w0 = w.detach().clone()
+    expected_w = w0 - holder[1].grad
     opt = landing(torch.optim.SGD([{"params": [x], "manifold": "stiefel"}, {"params": [w]}], lr=1.0),
                   lam=0.5, field="polar", max_grad_norm=0.5)
-    x.grad, w.grad = gx, gw
+    x.grad, w.grad = gx.clone(), gw.clone()
     opt.step()
     assert torch.allclose(x.detach(), expected_x, rtol=0, atol=1e-14)
     assert torch.allclose(w.detach(), expected_w, rtol=0, atol=1e-14)
+
+    y = torch.nn.Parameter(z.clone())
+    v = torch.nn.Parameter(w0.clone())
+    opt = riemannian(torch.optim.SGD([{"params": [y], "manifold": "stiefel"}, {"params": [v]}], lr=1.0),
+                     max_grad_norm=0.5)
+    y.grad, v.grad = gx.clone(), gw.clone()
+    opt.step()
+    assert torch.allclose(y.detach(), F.retract(z, -F.proj_tangent(z, g)), rtol=0, atol=1e-14)
+    assert torch.allclose(v.detach(), expected_w, rtol=0, atol=1e-14)

@@ -192,7 +192,8 @@ class _Wrap:
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], self.max_grad_norm)
-            for (mshape, _, _, metric, method, _, layout, scale), (ps, xs, gs) in _buckets(optimizer, self, items).items():
+            buckets = _buckets(optimizer, self, items)
+            for (mshape, _, _, metric, method, _, layout, scale), (ps, xs, gs) in buckets.items():
                 x = _gather(xs, mshape)
                 g = _gather(gs, mshape)
                 bad = _dist.agree(nonfinite_matrices(g), layout)
@@ -352,7 +353,7 @@ def _attach(optimizer, wrap: _Wrap):
         )
     wrap.check_groups([(g, g["params"]) for g in optimizer.param_groups])
     wrap.handles = [optimizer.register_step_pre_hook(wrap.pre), optimizer.register_step_post_hook(wrap.post),
-                    optimizer.register_state_dict_post_hook(wrap.state_dict_post),
+                    optimizer.register_state_dict_post_hook(wrap.state_dict_post, prepend=True),  # others see the spec
                     optimizer.register_load_state_dict_pre_hook(wrap.load_pre)]
     optimizer.stiefel_handle = StiefelHandle(optimizer, wrap)
     optimizer.__deepcopy__ = functools.partial(_deepcopy_wrapped, optimizer)
