@@ -2,7 +2,8 @@
 shared-Q spectral type of SymLoRA.
 
 ``Stiefel`` implements geoopt's ``Manifold`` interface, so geoopt's optimizers accept our
-parameters and our optimizers accept geoopt's ``ManifoldParameter``s on a Stiefel manifold.
+parameters and our optimizers accept geoopt's ``ManifoldParameter``s (on geoopt's EuclideanStiefel as
+on a ``Stiefel``; on any other geoopt manifold through that manifold's own methods).
 All math is delegated to :mod:`stiefel_opt.functional`.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._geoopt import GeooptStiefel, Manifold, ManifoldParameter
+from ._geoopt import Manifold, ManifoldParameter, geoopt
 
 __all__ = [
     "Stiefel",
@@ -175,17 +176,23 @@ class Stiefel(Manifold):
 
 
 def is_stiefel(manifold) -> bool:
-    """True for our ``Stiefel`` and for geoopt's Euclidean/Canonical Stiefel manifolds."""
-    return isinstance(manifold, (Stiefel, GeooptStiefel))
+    """True for our ``Stiefel`` and for geoopt's ``EuclideanStiefel``, the one geoopt Stiefel manifold
+    ``Stiefel(retraction="qr")`` reproduces exactly (projection P_X, QR retraction, transport by P_Y).
+
+    geoopt's ``CanonicalStiefel`` (its Cayley map moves along V + XΩ, not V) and
+    ``EuclideanStiefelExact`` (exponential map) are not: optimizers step them through geoopt.
+    """
+    return isinstance(manifold, Stiefel) or type(manifold) is geoopt.EuclideanStiefel
 
 
 def as_stiefel(manifold) -> Stiefel | None:
     """Normalize a manifold declaration to a ``Stiefel`` (or None for no manifold).
 
-    Accepts ``None``, ``"stiefel"``, ``"euclidean"`` (None), a ``Stiefel`` and geoopt's Stiefel
-    manifolds (mapped to the same metric; geoopt's Euclidean Stiefel retracts by QR).
+    Accepts ``None``, ``"stiefel"``, ``"euclidean"`` and geoopt's ``Euclidean`` (None), a ``Stiefel``
+    and geoopt's ``EuclideanStiefel`` (``Stiefel(retraction="qr")``). Any other geoopt manifold raises
+    ``TypeError``: it is honoured only on the parameter itself (a ``geoopt.ManifoldParameter``).
     """
-    if manifold is None or manifold == "euclidean":
+    if manifold is None or manifold == "euclidean" or type(manifold) is geoopt.Euclidean:
         return None
     if isinstance(manifold, Stiefel):
         return manifold
@@ -193,15 +200,13 @@ def as_stiefel(manifold) -> Stiefel | None:
         if manifold.lower() == "stiefel":
             return Stiefel()
         raise ValueError(f"unknown manifold {manifold!r}: use 'stiefel' or a Stiefel(...) object")
-    if isinstance(manifold, GeooptStiefel):
-        canonical = type(manifold).__name__ == "CanonicalStiefel"
-        return Stiefel(
-            metric="canonical" if canonical else "euclidean",
-            retraction="cayley" if canonical else "qr",
-            ndim=manifold.ndim,
+    if is_stiefel(manifold):
+        return Stiefel(metric="euclidean", retraction="qr", ndim=manifold.ndim)
+    if isinstance(manifold, Manifold):
+        raise TypeError(
+            f"manifold {manifold!r}: a param group can declare only a Stiefel manifold; put a geoopt "
+            "manifold on the parameter itself (geoopt.ManifoldParameter(data, manifold=...))"
         )
-    if getattr(manifold, "ndim", None) is not None and isinstance(manifold, Manifold):
-        return None  # another geoopt manifold: not ours to handle
     raise TypeError(f"manifold must be None, 'stiefel' or a Stiefel manifold, got {type(manifold).__name__}")
 
 
@@ -240,7 +245,10 @@ class StiefelParameter(ManifoldParameter):
                 requires_grad: bool = True, check: bool = True):
         manifold = Stiefel() if manifold is None else manifold
         if not is_stiefel(manifold):
-            raise TypeError(f"StiefelParameter: manifold must be a Stiefel manifold, got {manifold!r}")
+            raise TypeError(
+                f"StiefelParameter: manifold must be a Stiefel or geoopt's EuclideanStiefel, got {manifold!r}; "
+                "use geoopt.ManifoldParameter for another geoopt manifold"
+            )
         if data is None:
             raise ValueError("StiefelParameter: data is required (use StiefelParameter.random(n, p))")
         _check_data(data, "StiefelParameter", getattr(manifold, "ndim", 2))

@@ -90,7 +90,7 @@ def test_stiefel_parameter_validates_its_data():
         StiefelParameter(torch.full((4, 2), float("inf")))
     with pytest.raises(TypeError, match="floating point"):
         StiefelParameter(torch.zeros(4, 2, dtype=torch.long))
-    with pytest.raises(TypeError, match="Stiefel manifold"):
+    with pytest.raises(TypeError, match="must be a Stiefel or geoopt's EuclideanStiefel, got Sphere"):
         StiefelParameter(torch.eye(3), manifold=geoopt.Sphere())
     p = StiefelParameter(torch.randn(6, 3), check=False)  # landing pulls it back later
     assert isinstance(p, nn.Parameter) and isinstance(p, geoopt.ManifoldParameter)
@@ -203,8 +203,17 @@ def test_manifold_declarations_are_normalized():
     assert isinstance(as_stiefel("stiefel"), Stiefel)
     m = Stiefel(retraction="cayley")
     assert as_stiefel(m) is m
-    assert as_stiefel(geoopt.EuclideanStiefel()).retraction == "qr"
-    assert as_stiefel(geoopt.CanonicalStiefel()).metric == "canonical"
+    qr = as_stiefel(geoopt.EuclideanStiefel())
+    assert (qr.metric, qr.retraction) == ("euclidean", "qr")
+    assert as_stiefel(geoopt.Euclidean()) is None
+    # geoopt manifolds our Stiefel does not reproduce exactly are honoured on the parameter only
+    for other in (geoopt.CanonicalStiefel(), geoopt.EuclideanStiefelExact(), geoopt.Sphere()):
+        assert not is_stiefel(other)
+        with pytest.raises(TypeError, match="put a geoopt manifold on the parameter itself"):
+            as_stiefel(other)
+        with pytest.raises(TypeError, match="geoopt.ManifoldParameter"):
+            StiefelParameter(F.random_point(5, 2), manifold=other)
+    assert is_stiefel(geoopt.EuclideanStiefel()) and is_stiefel(Stiefel(metric="canonical"))
     with pytest.raises(ValueError, match="unknown manifold"):
         as_stiefel("grassmann")
     with pytest.raises(ValueError, match="retraction must be one of"):

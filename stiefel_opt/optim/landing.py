@@ -5,13 +5,27 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import AdamFamily, SGDFamily
+from ._base import AdamFamily, SGDFamily, param_manifold
+from ._foreign import check_own_manifolds, group_index, is_foreign
 
 __all__ = ["LandingSGD", "LandingAdam"]
 
 
 class _LandingChecks:
     def _check_group(self, group: dict) -> None:
+        check_own_manifolds(self, group)
+        name, gi = type(self).__name__, group_index(self, group)
+        for i, p in enumerate(group["params"]):
+            m = param_manifold(group, p)
+            if is_foreign(m):
+                raise ValueError(
+                    f"{name}: parameter {i} of param group {gi} lies on geoopt's {type(m).__name__} ({m!r}); "
+                    "landing lands on the Stiefel manifold only (a Stiefel, or geoopt's EuclideanStiefel): "
+                    "step it with RiemannianSGD/RiemannianAdam"
+                )
+        if group.get("stabilize") is not None:
+            raise ValueError(f"{name}: param group {gi} sets stabilize, which landing has no use for (it "
+                             "converges to the manifold by itself); remove it")
         super()._check_group(group)
         name = type(self).__name__
         if not group["lam"] > 0:

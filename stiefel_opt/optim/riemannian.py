@@ -5,12 +5,61 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import AdamFamily, SGDFamily
+from ._base import AdamFamily, SGDFamily, param_manifold
+from ._foreign import check_own_manifolds, group_index
 
 __all__ = ["RiemannianSGD", "RiemannianAdam"]
 
+_LOW = (torch.float16, torch.bfloat16)
 
-class RiemannianSGD(SGDFamily, torch.optim.SGD):
+
+class _Stabilize:
+    """geoopt's ``stabilize=k`` (constructor keyword and group key, None or a positive int): after
+    every k-th step of a group, each manifold parameter X of it (Stiefel or geoopt) becomes projx(X)
+    and its tangent state T (``_TANGENT``) becomes proju(X, T). SGD counts the group's steps
+    (``group["stabilize_step"]``); Adam stabilizes when a stepped parameter's ``step`` is a multiple of k.
+    """
+
+    _TANGENT = ""
+
+    def _check_group(self, group: dict) -> None:
+        check_own_manifolds(self, group)
+        super()._check_group(group)
+        k = group["stabilize"]
+        where = f"{type(self).__name__}: param group {group_index(self, group)}"
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"{where}: stabilize must be None or a positive int, got {k!r}")
+        if k is not None:
+            from torch.distributed.tensor import DTensor
+
+            for i, p in enumerate(group["params"]):
+                if isinstance(p, DTensor) and param_manifold(group, p) is not None:
+                    raise ValueError(f"{where}: stabilize cannot project the sharded (DTensor) parameter {i}")
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            if group["stabilize"] is not None and self._stabilize_due(group):
+                self._stabilize_group(group)
+        return loss
+
+    @torch.no_grad()
+    def _stabilize_group(self, group: dict) -> None:
+        for p in group["params"]:
+            m = param_manifold(group, p)
+            state = self.state.get(p, {})
+            if m is None or not (state or self._TANGENT == "momentum_buffer"):
+                continue  # geoopt's Adam leaves never-stepped parameters alone, its SGD does not
+            x = state.get("master", p)
+            x.copy_(m.projx(x.float() if x.dtype in _LOW else x))
+            if x is not p:
+                p.copy_(x)
+            t = state.get(self._TANGENT)
+            if t is not None:
+                t.copy_(m.proju(x, t))
+
+
+class RiemannianSGD(_Stabilize, SGDFamily, torch.optim.SGD):
     """SGD on the Stiefel manifold; exactly ``torch.optim.SGD`` on every other parameter.
 
     On a Stiefel parameter X with gradient G (−G with ``maximize``): ξ = rgrad(X, G) for the
@@ -30,23 +79,37 @@ class RiemannianSGD(SGDFamily, torch.optim.SGD):
         compile: run the torch step through ``torch.compile`` (lr and step enter as 0-d tensors,
             so a schedule does not recompile; the first step pays the compilation).
         manifold: declare every parameter of the group Stiefel (``"stiefel"`` or a ``Stiefel``).
+        stabilize: None, or k: every k steps project the group's manifold parameters onto their
+            manifold and their momentum onto the tangent space (geoopt's option).
     ``fused``, ``differentiable`` are rejected for groups holding Stiefel parameters.
+
+    A geoopt ``ManifoldParameter`` on another manifold (Sphere, PoincareBall, Scaled, EuclideanStiefelExact,
+    CanonicalStiefel, ...) is stepped through that manifold's own ``egrad2rgrad`` and ``retr_transp``,
+    as ``geoopt.optim.RiemannianSGD`` steps it (see :mod:`stiefel_opt.optim._foreign`); weight decay is
+    added to its gradient first.
     """
 
     _STEP = "riemannian_sgd"
+    _EXTRA = ("stabilize",)
+    _TANGENT = "momentum_buffer"
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  retraction: str | None = None, nonfinite: str = "skip", master_weights: bool | None = None,
                  backend: str = "auto",
-                 compile: bool = False):
+                 compile: bool = False, stabilize: int | None = None):
         self._setup({"manifold": None, "retraction": retraction, "nonfinite": nonfinite,
-                     "master_weights": master_weights, "backend": backend, "compile": compile})
+                     "master_weights": master_weights, "backend": backend, "compile": compile,
+                     "stabilize": stabilize})
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach,
                          differentiable=differentiable, fused=fused)
         self._finish_setup()
+
+    def _stabilize_due(self, group: dict) -> bool:
+        group["stabilize_step"] = group.get("stabilize_step", 0) + 1
+        return group["stabilize_step"] % group["stabilize"] == 0
 
     def _manifold_update(self, group, b, fn, x, g, stacks):
         x_new, buf = fn(x, g, stacks.get("momentum_buffer"), retraction=b.retraction,
@@ -55,7 +118,7 @@ class RiemannianSGD(SGDFamily, torch.optim.SGD):
         return x_new
 
 
-class RiemannianAdam(AdamFamily, torch.optim.Adam):
+class RiemannianAdam(_Stabilize, AdamFamily, torch.optim.Adam):
     """Adam on the Stiefel manifold; exactly ``torch.optim.Adam`` (``AdamW`` with
     ``decoupled_weight_decay=True``) on every other parameter.
 
@@ -63,11 +126,17 @@ class RiemannianAdam(AdamFamily, torch.optim.Adam):
     (``second_moment="scalar"``: the mean of ξ² per matrix, the Bécigneul–Ganea/geoopt form
     normalized per entry, so lr transfers from element-wise Adam); D = m̂/(√v̂ + eps) projected on
     the tangent space; X ← R_X(−lr·D); m ← P_X(m). ``amsgrad`` and ``maximize`` as in torch. No
-    weight decay on Stiefel parameters. Other options as :class:`RiemannianSGD`.
+    weight decay on Stiefel parameters. Other options (``stabilize``: m is projected) as
+    :class:`RiemannianSGD`.
+
+    A geoopt ``ManifoldParameter`` on another manifold is stepped as ``geoopt.optim.RiemannianAdam``
+    steps it: v from the manifold's ``component_inner`` (whatever ``second_moment``), L2 weight decay
+    (``decoupled_weight_decay`` with a nonzero decay is refused for it).
     """
 
     _STEP = "riemannian_adam"
-    _EXTRA = ("second_moment",)
+    _EXTRA = ("second_moment", "stabilize")
+    _TANGENT = "exp_avg"
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
@@ -75,14 +144,19 @@ class RiemannianAdam(AdamFamily, torch.optim.Adam):
                  differentiable: bool = False, fused: bool | None = None, decoupled_weight_decay: bool = False,
                  retraction: str | None = None, second_moment: str = "elementwise", nonfinite: str = "skip",
                  master_weights: bool | None = None, backend: str = "auto",
-                 compile: bool = False):
+                 compile: bool = False, stabilize: int | None = None):
         self._setup({"manifold": None, "retraction": retraction, "nonfinite": nonfinite,
-                     "master_weights": master_weights, "backend": backend, "compile": compile, "second_moment": second_moment})
+                     "master_weights": master_weights, "backend": backend, "compile": compile,
+                     "second_moment": second_moment, "stabilize": stabilize})
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay)
         self._finish_setup()
+
+    def _stabilize_due(self, group: dict) -> bool:
+        return any(p.grad is not None and "step" in self.state.get(p, {})
+                   and int(self.state[p]["step"]) % group["stabilize"] == 0 for p in group["params"])
 
     def _manifold_update(self, group, b, fn, x, g, stacks):
         return fn(x, g, stacks["exp_avg"], stacks["exp_avg_sq"], stacks.get("max_exp_avg_sq"),
