@@ -31,6 +31,7 @@ from .. import distributed as _dist
 from .. import functional as F
 from .. import kernels as _kernels
 from ..manifolds import Stiefel, as_stiefel, is_stiefel
+from ._foreign import check_foreign, foreign_updates, is_foreign
 
 __all__ = ["BACKENDS", "STEP_FUNCTIONS", "step_function", "param_manifold", "stack_matrices", "unstack_into",
            "nonfinite_matrices"]
@@ -108,12 +109,13 @@ def step_function(name: str, backend: str = "auto", compile: bool = False) -> Ca
 
 
 def param_manifold(group: dict, p: Tensor) -> Stiefel | None:
-    """The group's manifold, else the parameter's own Stiefel manifold, else None (Euclidean)."""
+    """The group's manifold, else the parameter's own Stiefel manifold, or its own other geoopt manifold
+    (:func:`~stiefel_opt.optim._foreign.is_foreign`: stepped through geoopt's interface), else None."""
     m = group.get("manifold")
     if m is not None:
         return m
     pm = getattr(p, "manifold", None)
-    return as_stiefel(pm) if pm is not None and is_stiefel(pm) else None
+    return pm if is_foreign(pm) else as_stiefel(pm) if is_stiefel(pm) else None
 
 
 def stack_matrices(tensors: list[Tensor], mshape: tuple, dtype: torch.dtype | None = None) -> Tensor:
@@ -151,15 +153,17 @@ def _manifold_spec(m: Stiefel) -> dict:
 class _Bucket:
     """Same-shape manifold parameters updated as one stack of ``sum(counts)`` matrices."""
 
-    __slots__ = ("params", "grads", "states", "counts", "mshape", "manifold", "retraction", "master", "cdtype",
-                 "layout")
+    __slots__ = ("owners", "params", "grads", "states", "counts", "names", "mshape", "manifold", "retraction",
+                 "master", "cdtype", "layout")
 
     def __init__(self, mshape, manifold, retraction, master, cdtype, layout=None):
-        self.params: list[Tensor] = []  # local shards of DTensor parameters (see stiefel_opt.distributed)
+        self.owners: list[Tensor] = []  # the parameters themselves (keys of optimizer.state)
+        self.params: list[Tensor] = []  # their local shards (DTensor parameters, see stiefel_opt.distributed)
         self.grads: list[Tensor] = []
         self.layout = layout
         self.states: list[dict] = []
         self.counts: list[int] = []
+        self.names: list[str] = []
         self.mshape = mshape
         self.manifold = manifold
         self.retraction = retraction
@@ -179,26 +183,30 @@ class _Bucket:
         return (*lead, 1, 1)
 
     def stacked(self, key: str, *, scalar: bool = False, init: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """The (B, *mshape) buffer whose slices are ``states[i][key]`` (as views of it).
+        """The (B, *mshape) stack of the entries ``states[i][key]``, read only.
 
-        Reuses the buffer when the entries already are its views in order; otherwise stacks them
-        (after load_state_dict or deepcopy, or a change in which parameters have gradients).
-        Missing entries are created by ``init`` (None: return None, nothing created).
+        Their base buffer when they already are its views in order (no copy); otherwise a new stack
+        (after load_state_dict or deepcopy, or a change in which parameters have gradients). Missing
+        entries: ``init()`` (None: return None). An entry whose shape is not the parameter's raises
+        ``ValueError`` (a resized parameter must not reuse reshaped moments). Nothing is written
+        into the states: :meth:`assign` does that once the step succeeded.
         """
         mshape = (1, 1) if scalar else self.mshape
         ts = [s.get(key) for s in self.states]
-        if all(t is not None for t in ts):
-            base = ts[0]._base
-            if base is not None and base.dtype == self.cdtype and tuple(base.shape) == (self.size, *mshape) \
-                    and base.is_contiguous() and self._views_of(ts, base):
-                return base
-            buf = torch.cat([t.reshape(-1, *mshape).to(self.cdtype) for t in ts])
-        elif init is None:
-            return None
-        else:
-            buf = init()
-        self.assign(key, buf, scalar=scalar)
-        return buf
+        if not all(t is not None for t in ts):
+            return None if init is None else init()
+        for i, t in enumerate(ts):
+            if tuple(t.shape) != self.state_shape(i, scalar):
+                raise ValueError(
+                    f"state[{key!r}] of {self.names[i]} has shape {tuple(t.shape)}, but the parameter "
+                    f"needs {self.state_shape(i, scalar)}: was the parameter resized? Drop its state "
+                    "(del optimizer.state[param]) to restart it"
+                )
+        base = ts[0]._base
+        if base is not None and base.dtype == self.cdtype and tuple(base.shape) == (self.size, *mshape) \
+                and base.is_contiguous() and self._views_of(ts, base):
+            return base
+        return torch.cat([t.reshape(-1, *mshape).to(self.cdtype) for t in ts])
 
     def _views_of(self, ts, base) -> bool:
         step = base.stride(0) * base.element_size()
@@ -229,16 +237,41 @@ class _Bucket:
         """Copy the stack back into the parameters (cast to their dtype)."""
         unstack_into(self.params, stack)
 
+    def per_param(self, mask: Tensor) -> list[int]:
+        """How many matrices of each parameter a (B,) mask selects."""
+        return [int(c) for c in torch.stack([m.sum() for m in mask.split(self.counts)]).tolist()]
+
+    def describe(self, mask: Tensor) -> str:
+        """The parameters a (B,) mask touches, for messages."""
+        hits = [f"{n} of {k} matrices of {name}" for n, k, name in zip(self.per_param(mask), self.counts, self.names)
+                if n]
+        return "; ".join(hits)
+
+
+def _ensure_finite_points(x: Tensor, bad: Tensor) -> Tensor:
+    """``x`` with the matrices selected by ``bad`` replaced by a fixed orthonormal point (their update is
+    discarded; this keeps a NaN matrix from failing a batched factorization of the others)."""
+    n, p = x.shape[-2:]
+    point = torch.eye(n, p, dtype=x.dtype, device=x.device)
+    return torch.where(bad[:, None, None], point, x)
+
 
 class StiefelOptimizer:
     """Mixin for an optimizer that is a ``torch.optim`` twin on Euclidean parameters and a
     Stiefel optimizer on manifold parameters. Subclasses define ``_STEP`` (the step function name),
-    ``_EXTRA`` (their own group keys), ``_bucket_tag``, ``_euclidean_step`` and ``_manifold_update``."""
+    ``_EXTRA`` (their own group keys), ``_bucket_tag``, ``_euclidean_step`` and ``_manifold_update``.
+
+    A step is all-or-nothing per matrix: every manifold update of every group is computed on copies
+    of the state first; matrices whose gradient, point or result (new point or new state) is not
+    finite are skipped (``nonfinite="skip"``) or the step raises (``"raise"``) — in both cases
+    before anything of them is written. Euclidean parameters step only after that.
+    """
 
     _STEP: str = ""
     _COMMON = ("manifold", "retraction", "nonfinite", "master_weights", "backend", "compile")
     _EXTRA: tuple[str, ...] = ()
     _SCALAR_KEYS: tuple[str, ...] = ()
+    _STATE_KEYS: tuple[str, ...] = ()  # what a parameter's state may hold besides master/nonfinite_skips
 
     def _setup(self, extra: dict) -> None:
         self._pending_extra = extra
@@ -260,9 +293,15 @@ class StiefelOptimizer:
             param_group.setdefault(k, v)
         param_group["manifold"] = as_stiefel(param_group.get("manifold"))
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
 
-    def _check_group(self, group: dict) -> None:
+    def _check_options(self, group: dict) -> None:
+        """The group's option values (not its parameters); run at construction, at load and on
+        every step of a group holding manifold parameters (a ``param_groups`` edit is caught)."""
         name = type(self).__name__
         if group["nonfinite"] not in ("skip", "raise"):
             raise ValueError(f"{name}: nonfinite must be 'skip' or 'raise', got {group['nonfinite']!r}")
@@ -278,61 +317,96 @@ class StiefelOptimizer:
                 f"{name}: retraction must be None (the manifold's) or one of {tuple(F.RETRACTIONS)}, "
                 f"got {group['retraction']!r}"
             )
-        manifold_params = [(i, p) for i, p in enumerate(group["params"]) if param_manifold(group, p) is not None]
-        if not manifold_params:
-            return
+        m = group["manifold"]
+        if m is not None and not isinstance(m, Stiefel):
+            raise ValueError(f"{name}: a param group's manifold must be None, 'stiefel' or a Stiefel, got {m!r}")
+        lr = float(group["lr"])
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"{name}: Invalid learning rate: {group['lr']} (must be finite and >= 0)")
+
+    def _check_manifold_options(self, group: dict) -> None:
         for flag in _UNSUPPORTED_ON_MANIFOLD:
             if group.get(flag):
                 raise ValueError(
-                    f"{name}: {flag}=True is not supported for Stiefel parameters; put them in a "
+                    f"{type(self).__name__}: {flag}=True is not supported for Stiefel parameters; put them in a "
                     f"param group with {flag}=False"
                 )
+
+    def _check_group(self, group: dict) -> None:
+        self._check_options(group)
+        name = type(self).__name__
+        manifold_params = [(i, p) for i, p in enumerate(group["params"]) if param_manifold(group, p) is not None]
+        if not manifold_params:
+            return
+        self._check_manifold_options(group)
         for i, p in manifold_params:
             m = param_manifold(group, p)
+            if is_foreign(m):
+                check_foreign(self, group, i, p)
+                continue
             if p.dim() < max(2, m.ndim) or not p.is_floating_point() or p.is_complex():
                 raise ValueError(
                     f"{name}: parameter {i} of a Stiefel param group must be a real floating-point "
                     f"tensor with at least {max(2, m.ndim)} dims (manifold ndim={m.ndim}); got shape "
                     f"{tuple(p.shape)} and dtype {p.dtype}. Move it to a group without 'manifold'."
                 )
+            if p.numel() == 0:
+                raise ValueError(
+                    f"{name}: parameter {i} of a Stiefel param group has shape {tuple(p.shape)} with no "
+                    "entries: an empty matrix has no orthonormal frame. Move it to a group without 'manifold'."
+                )
 
     # --- step -----------------------------------------------------------------------------------
     @_use_grad_for_differentiable
     def step(self, closure=None):
-        """One step: the ``torch.optim`` twin on Euclidean parameters, the batched Stiefel update on
-        manifold parameters."""
+        """One step: the batched Stiefel updates of every group are computed first and written only
+        when all succeeded; then the ``torch.optim`` twin's update on Euclidean parameters."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        plan = []
+        for gi, group in enumerate(self.param_groups):
             euclidean, manifold = [], []
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 m = param_manifold(group, p)
                 if m is None:
                     euclidean.append(p)
                 else:
-                    manifold.append((p, m))
+                    manifold.append((i, p, m))
+            plan.append((gi, group, euclidean, manifold))
+        with torch.no_grad():
+            commits = [c for gi, group, _, manifold in plan if manifold
+                       for c in self._manifold_updates(gi, group, manifold)]
+        for _, group, euclidean, manifold in plan:
             if euclidean:
-                self._euclidean_step(group, euclidean)
-            if manifold:
-                with torch.no_grad():
-                    self._manifold_step(group, manifold)
+                self._euclidean_step(group, euclidean, whole_group=not manifold)
+        with torch.no_grad():
+            for commit in commits:
+                commit()
         return loss
 
-    def _manifold_step(self, group: dict, items: list) -> None:
+    def _manifold_updates(self, gi: int, group: dict, items: list) -> list[Callable[[], None]]:
+        """The group's bucket updates, computed but not written: one commit callable per bucket."""
+        self._check_options(group)
+        self._check_manifold_options(group)
+        foreign, items = foreign_updates(self, gi, group, items)
         buckets: dict[tuple, _Bucket] = {}
-        for p, m in items:
+        for i, p, m in items:
+            where = f"parameter {i} of param group {gi} (shape {tuple(p.shape)})"
             if p.grad.is_sparse:
                 raise ValueError(f"{type(self).__name__}: sparse gradients are not supported on Stiefel "
-                                 f"parameters (shape {tuple(p.shape)})")
+                                 f"parameters ({where})")
+            if p.numel() == 0:
+                raise ValueError(f"{type(self).__name__}: {where} has no entries; an empty matrix has no "
+                                 "orthonormal frame")
             retraction = group["retraction"] or m.retraction
             p_loc, g_loc, layout = _dist.local_parts(p, m, self, group, retraction if "riemannian" in self._STEP else None)
             mat = m.to_matrix(p_loc)
             mshape = tuple(mat.shape[-2:])
-            state = self.state[p]
+            state = self.state[p] if p in self.state else {}
             low = p.dtype in _LOW
             master = low and group["master_weights"] is not False
             key = (mshape, p.dtype, p.device, m.metric, retraction, m.ndim, master, self._bucket_tag(group, state),
@@ -340,107 +414,210 @@ class StiefelOptimizer:
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = _Bucket(mshape, m, retraction, master, torch.float32 if low else p.dtype, layout)
+            b.owners.append(p)
             b.params.append(p_loc)
             b.grads.append(g_loc)
             b.states.append(state)
+            b.names.append(where)
             b.counts.append(math.prod(p_loc.shape[: p_loc.dim() - m.ndim]))
         fn = step_function(self._STEP, group["backend"], group.get("compile", False))
-        for b in buckets.values():
-            self._bucket_step(group, b, fn if b.layout is None else
-                              _dist.sharded_step(STEP_FUNCTIONS["torch"][self._STEP], b.layout, group["backend"]))
+        return foreign + [self._bucket_update(group, b, fn if b.layout is None else
+                                    _dist.sharded_step(STEP_FUNCTIONS["torch"][self._STEP], b.layout, group["backend"]))
+                for b in buckets.values()]
 
-    def _bucket_step(self, group: dict, b: _Bucket, fn: Callable) -> None:
-        if b.master:
-            x = b.stacked("master", init=lambda: b.gather(b.params))
-        else:
-            x = b.gather(b.params)
+    def _bucket_update(self, group: dict, b: _Bucket, fn: Callable) -> Callable[[], None]:
+        """Compute one bucket's update on copies of its state; return the commit that writes it."""
+        x = b.stacked("master", init=lambda: b.gather(b.params)) if b.master else b.gather(b.params)
         g = b.gather(b.grads)
         if group["maximize"]:
             g = -g
-        bad = _dist.agree(nonfinite_matrices(g), b.layout)
-        skipped = None
-        if bool(bad.any()):
-            skipped, untouched = self._nonfinite(group, b, bad)
-            g = g.masked_fill(bad[:, None, None], 0.0)
-        stacks = self._state_stacks(group, b)
-        saved = None
-        if skipped is not None:
-            saved = {k: t[skipped].clone() for k, t in stacks.items() if t is not None}
-        x_new = self._manifold_update(group, b, fn, x, g, stacks)
-        if skipped is not None:
-            x_new[skipped] = x[skipped]
-            for k, t in saved.items():
-                b.stacked(k, scalar=k in self._scalar_keys(group))[skipped] = t
-            for s in untouched:  # every matrix of the parameter skipped: its step count stays too
-                if "step" in s:
-                    s["step"] -= 1
-        if b.master:
-            x.copy_(x_new)
-        b.scatter(x_new)
+        bad_grad = nonfinite_matrices(g)
+        bad_in = _dist.agree(bad_grad | nonfinite_matrices(x), b.layout)
+        x_in = x
+        if bool(bad_in.any()):
+            g = g.masked_fill(bad_in[:, None, None], 0.0)
+            x_in = _ensure_finite_points(x, bad_in)
+        old = self._state_stacks(group, b)
+        stacks = {k: None if t is None else t.clone() for k, t in old.items()}
+        try:
+            x_new = self._manifold_update(group, b, fn, x_in, g, stacks)
+        except torch.linalg.LinAlgError as err:
+            if group["nonfinite"] == "raise":
+                raise FloatingPointError(
+                    f"{type(self).__name__}: the update of {b.describe(torch.ones_like(bad_in))} failed "
+                    f"({err}); nothing was changed"
+                ) from err
+            x_new, stacks = x_in, {k: None if t is None else t.clone() for k, t in old.items()}
+            bad_out = torch.ones_like(bad_in)
+        else:
+            bad_out = nonfinite_matrices(x_new)
+            for t in stacks.values():
+                if t is not None:
+                    bad_out |= nonfinite_matrices(t)
+        bad = _dist.agree(bad_in | bad_out, b.layout)
+        stalled = self._stalled(b, x_in, x_new, bad)
+        any_bad, any_stalled = torch.stack([bad.any(), stalled.any()]).tolist()
+        if any_stalled:
+            x_new = self._land_from_outside(group, b, x_in, x_new, stalled)
+        skips = [0] * len(b.states)
+        if any_bad:
+            self._report_nonfinite(group, b, bad, bad_grad)
+            x_new = torch.where(bad[:, None, None], x, x_new)
+            for k, t in stacks.items():
+                if t is not None:
+                    t[bad] = 0.0 if old[k] is None else old[k][bad]
+            skips = b.per_param(bad)
+        return functools.partial(self._commit, group, b, x_new, stacks, skips)
 
-    def _nonfinite(self, group: dict, b: _Bucket, bad: Tensor) -> Tensor:
-        idx = bad.nonzero().squeeze(1)
-        where = f"{int(idx.numel())} of {b.size} Stiefel matrices of shape {b.mshape}"
+    def _stalled(self, b: _Bucket, x: Tensor, x_new: Tensor, bad: Tensor) -> Tensor:
+        """(B,) mask of matrices a landing step left exactly in place (none for retractions)."""
+        if not self._STEP.startswith("landing") or b.layout is not None:
+            return torch.zeros_like(bad)
+        return (x_new == x).flatten(1).all(1) & ~bad
+
+    def _land_from_outside(self, group: dict, b: _Bucket, x: Tensor, x_new: Tensor, stalled: Tensor) -> Tensor:
+        """A matrix with d = ‖XᵀX − I‖_F ≥ 1 gets a zero safe step forever (η* = 0 there): project it
+        onto the manifold (polar factor) with a warning instead of leaving it stuck."""
+        far = stalled & (F.distance(x) >= 1.0)
+        idx = far.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return x_new
+        d = F.distance(x[idx])
+        warnings.warn(
+            f"{type(self).__name__}: {b.describe(far)} lay outside the landing region "
+            f"(‖XᵀX − I‖_F up to {float(d.max()):.3g} ≥ 1, where the safe step is 0); projected onto the "
+            "manifold (nearest orthonormal matrix). Start from a point with ‖XᵀX − I‖_F < safe_eps.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        x_new = x_new.clone()
+        x_new[idx] = F.project(x[idx]).to(x_new.dtype)
+        return x_new
+
+    def _report_nonfinite(self, group: dict, b: _Bucket, bad: Tensor, bad_grad: Tensor) -> None:
+        what = "non-finite gradient" if bool((bad == bad_grad).all()) else "non-finite gradient, parameter or update"
+        where = b.describe(bad)
         if group["nonfinite"] == "raise":
             raise FloatingPointError(
-                f"{type(self).__name__}: non-finite gradient in {where}; pass nonfinite='skip' to skip "
-                "such matrices, or fix the loss"
+                f"{type(self).__name__}: {what} in {where}; nothing was changed. Pass nonfinite='skip' to "
+                "skip such matrices, or fix the loss"
             )
         warnings.warn(
-            f"{type(self).__name__}: non-finite gradient in {where}; their update was skipped "
+            f"{type(self).__name__}: {what} in {where}; their update was skipped "
             "(counted in state['nonfinite_skips'])",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
-        off, whole = 0, []
-        for s, k in zip(b.states, b.counts):
-            n_bad = int(bad[off : off + k].sum())
+
+    def _commit(self, group: dict, b: _Bucket, x_new: Tensor, stacks: dict, skips: list[int]) -> None:
+        """Write a computed bucket update: state buffers, fp32 masters, parameters, counters."""
+        scalar = self._scalar_keys(group)
+        for k, t in stacks.items():
+            if t is not None:
+                b.assign(k, t, scalar=k in scalar)
+        if b.master:
+            b.assign("master", x_new)
+        b.scatter(x_new)
+        for s, n_bad in zip(b.states, skips):
             if n_bad:
                 s["nonfinite_skips"] = s.get("nonfinite_skips", 0) + n_bad
-            if n_bad == k:
-                whole.append(s)
-            off += k
-        return idx, whole
+        self._advance(b, skips)
+        for p, s in zip(b.owners, b.states):
+            if s and p not in self.state:
+                self.state[p] = s
+
+    def _advance(self, b: _Bucket, skips: list[int]) -> None:
+        """Per-parameter counters after a committed step (Adam: the step count)."""
 
     def _scalar_keys(self, group: dict) -> tuple[str, ...]:
         return self._SCALAR_KEYS if group.get("second_moment") == "scalar" else ()
 
     # --- state dict -----------------------------------------------------------------------------
     def state_dict(self):
-        """torch's state dict, with a group's ``Stiefel`` stored as a plain dict (weights_only-safe)."""
-        sd = super().state_dict()
-        for g in sd["param_groups"]:
-            if isinstance(g.get("manifold"), Stiefel):
-                g["manifold"] = _manifold_spec(g["manifold"])
-        return sd
+        """torch's state dict, with a group's ``Stiefel`` stored as a plain dict (weights_only-safe);
+        the conversion runs before any user state_dict post-hook."""
+        handle = self.register_state_dict_post_hook(_plain_manifolds, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
 
     def load_state_dict(self, state_dict) -> None:
-        """torch's ``load_state_dict``, plus: a state whose tensors do not match the parameters' shapes
-        raises ``ValueError``; fp32 masters and moments of bf16/fp16 manifold parameters stay fp32."""
-        state_dict = dict(state_dict)
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        for g in groups:
-            spec = g.get("manifold")
-            if isinstance(spec, dict):
-                spec = dict(spec)
-                spec.pop("manifold", None)
-                g["manifold"] = Stiefel(**spec)
-        state_dict["param_groups"] = groups
-        saved_state = state_dict["state"]
-        if len(groups) == len(self.param_groups):
-            for i, (sg, g) in enumerate(zip(groups, self.param_groups)):
-                for sid, p in zip(sg["params"], g["params"]):
-                    self._check_loaded_state(i, g, p, saved_state.get(sid, {}))
-        super().load_state_dict(state_dict)
-        for sg, g in zip(groups, self.param_groups):
+        """torch's ``load_state_dict``; after every user pre-hook (which may repair the dict), the
+        loaded dict is adopted by :meth:`_adopt_state_dict` — groups completed from the current
+        ones and validated, state checked — or refused with a ``ValueError`` before anything is
+        loaded. fp32 masters and moments of bf16/fp16 manifold parameters stay fp32."""
+        adopted = {}
+
+        def adopt(_, sd):
+            adopted["sd"] = self._adopt_state_dict(sd)
+            return adopted["sd"]
+
+        handle = self.register_load_state_dict_pre_hook(adopt)  # the last pre-hook
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        sd = adopted["sd"]
+        for sg, g in zip(sd["param_groups"], self.param_groups):
             for sid, p in zip(sg["params"], g["params"]):
                 if p.dtype in _LOW and param_manifold(g, p) is not None:
-                    for k, v in saved_state.get(sid, {}).items():
+                    for k, v in sd["state"].get(sid, {}).items():
                         if k != "step" and isinstance(v, Tensor) and v.dtype == torch.float32:
                             self.state[p][k] = v.to(device=p.device)
 
-    def _check_loaded_state(self, gi: int, group: dict, p: Tensor, st: dict) -> None:
+    def _adopt_state_dict(self, state_dict: dict) -> dict:
+        """A loaded state dict made this optimizer's, or ``ValueError`` naming the group/parameter.
+
+        A group's missing keys come from the current group (a ``torch.optim.Adam`` checkpoint keeps
+        the declared manifold and the package's options); a saved manifold must equal the declared
+        one; every group passes the construction checks; each parameter's state must have this
+        optimizer's keys, the parameter's shape and finite values (second moments ≥ 0)."""
+        name = f"{type(self).__name__}.load_state_dict"
+        state_dict = dict(state_dict)
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            return state_dict  # torch's own error
+        groups = []
+        for gi, (sg, cg) in enumerate(zip(saved_groups, self.param_groups)):
+            sg = dict(sg)
+            if "manifold" in sg:
+                saved = _stiefel_from_spec(sg["manifold"])
+                if _spec_or_none(saved) != _spec_or_none(cg["manifold"]):
+                    raise ValueError(
+                        f"{name}: param group {gi} was saved with manifold {saved!r} but is declared with "
+                        f"{cg['manifold']!r}; declare the same manifold, or drop 'manifold' from the saved group"
+                    )
+            for k, v in cg.items():
+                if k not in ("params", "param_names"):
+                    sg.setdefault(k, v)
+            sg["manifold"] = cg["manifold"]
+            if len(sg["params"]) == len(cg["params"]):
+                try:
+                    self._check_group({**sg, "params": cg["params"]})
+                except ValueError as err:
+                    raise ValueError(f"{name}: param group {gi}: {err}") from None
+                for i, (sid, p) in enumerate(zip(sg["params"], cg["params"])):
+                    self._check_loaded_state(f"parameter {i} of param group {gi}", sg, p,
+                                             state_dict["state"].get(sid, {}))
+            groups.append(sg)
+        state_dict["param_groups"] = groups
+        return state_dict
+
+    def _check_loaded_state(self, where: str, group: dict, p: Tensor, st: dict) -> None:
+        name = f"{type(self).__name__}.load_state_dict"
         m = param_manifold(group, p)
+        if st:
+            keys = set(st)
+            unknown = keys - set(self._STATE_KEYS) - {"master", "nonfinite_skips"}
+            missing = set(self._required_state(group)) - keys
+            if unknown or missing:
+                raise ValueError(
+                    f"{name}: the state of {where} has keys {sorted(keys)}; {type(self).__name__} "
+                    f"{'does not use ' + str(sorted(unknown)) if unknown else 'needs ' + str(sorted(missing))}: "
+                    "the state dict comes from another optimizer. Load it into the optimizer that saved it, "
+                    "or load only its param_groups (state={})"
+                )
         for k, v in st.items():
             if k == "step" or not isinstance(v, Tensor):
                 continue
@@ -450,15 +627,46 @@ class StiefelOptimizer:
                 ok = tuple(v.shape) == (*lead, 1, 1)
             if not ok:
                 raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: state[{k!r}] of a parameter in group {gi} "
-                    f"has shape {tuple(v.shape)} but the parameter has shape {tuple(p.shape)}: the state "
-                    "dict comes from a different parameter layout; build the optimizer over the same "
-                    "parameters in the same order"
+                    f"{name}: state[{k!r}] of {where} has shape {tuple(v.shape)} but the parameter has shape "
+                    f"{tuple(p.shape)}: the state dict comes from a different parameter layout; build the "
+                    "optimizer over the same parameters in the same order"
                 )
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{name}: state[{k!r}] of {where} holds NaN or ±inf: the checkpoint is corrupt")
+            if k in self._SCALAR_KEYS and bool((v < 0).any()):
+                raise ValueError(f"{name}: state[{k!r}] of {where} has negative entries (a second moment "
+                                 "is ≥ 0): the checkpoint is corrupt")
+
+    def _required_state(self, group: dict) -> tuple[str, ...]:
+        """Keys a non-empty state of a parameter of ``group`` must hold."""
+        return ()
+
+
+def _plain_manifolds(_, state_dict: dict) -> dict:
+    """state_dict post-hook: each group's ``Stiefel`` as a plain dict spec (loads with weights_only)."""
+    for g in state_dict["param_groups"]:
+        if isinstance(g.get("manifold"), Stiefel):
+            g["manifold"] = _manifold_spec(g["manifold"])
+    return state_dict
+
+
+def _spec_or_none(m: Stiefel | None) -> dict | None:
+    return None if m is None else _manifold_spec(m)
+
+
+def _stiefel_from_spec(spec) -> Stiefel | None:
+    """The manifold a saved group names: None, ``"stiefel"``, a ``Stiefel`` or its plain dict spec."""
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        spec.pop("manifold", None)
+        return Stiefel(**spec)
+    return as_stiefel(spec)
 
 
 class SGDFamily(StiefelOptimizer):
     """Momentum handling shared by RiemannianSGD and LandingSGD (twin: ``torch.optim.SGD``)."""
+
+    _STATE_KEYS = ("momentum_buffer",)
 
     def _bucket_tag(self, group: dict, state: dict):
         return "momentum_buffer" in state if group["momentum"] else None
@@ -471,16 +679,16 @@ class SGDFamily(StiefelOptimizer):
                 "nesterov": group["nesterov"]}
 
     def _finish(self, group: dict, b: _Bucket, stacks: dict, buf: Tensor | None) -> None:
-        if group["momentum"] and stacks["momentum_buffer"] is None:
-            b.assign("momentum_buffer", buf)
+        """Keep the momentum buffer a step created (first step) among the stacks to commit."""
+        if group["momentum"]:
+            stacks["momentum_buffer"] = buf
 
-    def _euclidean_step(self, group: dict, params: list[Tensor]) -> None:
-        sub = dict(group)
-        sub["params"] = params
+    def _euclidean_step(self, group: dict, params: list[Tensor], whole_group: bool = False) -> None:
+        sub = group if whole_group else {**group, "params": params}
         ps: list[Tensor] = []
         grads: list[Tensor] = []
         bufs: list[Tensor | None] = []
-        has_sparse_grad = torch.optim.SGD._init_group(self, sub, ps, grads, bufs)
+        has_sparse_grad = self._init_group(sub, ps, grads, bufs)
         _torch_sgd(
             ps, grads, bufs,
             weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
@@ -497,15 +705,17 @@ class AdamFamily(StiefelOptimizer):
     """Moment handling shared by RiemannianAdam and LandingAdam (twin: ``torch.optim.Adam``)."""
 
     _SCALAR_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+    _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def _bucket_tag(self, group: dict, state: dict):
         return int(state["step"]) if "step" in state else 0
 
+    def _required_state(self, group: dict) -> tuple[str, ...]:
+        return ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else \
+            ("step", "exp_avg", "exp_avg_sq")
+
     def _state_stacks(self, group: dict, b: _Bucket) -> dict:
         scalar = group["second_moment"] == "scalar"
-        for s in b.states:
-            if "step" not in s:
-                s["step"] = torch.tensor(0.0, dtype=torch.float32)
         stacks = {
             "exp_avg": b.stacked("exp_avg", init=b.zeros),
             "exp_avg_sq": b.stacked("exp_avg_sq", scalar=scalar, init=lambda: b.zeros(scalar)),
@@ -515,31 +725,40 @@ class AdamFamily(StiefelOptimizer):
         return stacks
 
     def _adam_kwargs(self, group: dict, b: _Bucket) -> dict:
-        step = self._bucket_tag(group, b.states[0]) + 1
-        torch._foreach_add_([s["step"] for s in b.states], 1.0)
+        """The step function's Adam arguments; the step count it uses is the committed count + 1."""
         beta1, beta2 = group["betas"]
-        return {"step": step, "lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2),
-                "eps": group["eps"], "scalar_v": group["second_moment"] == "scalar"}
+        return {"step": self._bucket_tag(group, b.states[0]) + 1, "lr": float(group["lr"]), "beta1": float(beta1),
+                "beta2": float(beta2), "eps": group["eps"], "scalar_v": group["second_moment"] == "scalar"}
 
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
+    def _advance(self, b: _Bucket, skips: list[int]) -> None:
+        for s in b.states:
+            if "step" not in s:
+                s["step"] = torch.tensor(0.0, dtype=torch.float32)
+        moved = [s["step"] for s, n_bad, k in zip(b.states, skips, b.counts) if n_bad < k]
+        if moved:
+            torch._foreach_add_(moved, 1.0)
+
+    def _check_options(self, group: dict) -> None:
+        super()._check_options(group)
+        name = type(self).__name__
         if group["second_moment"] not in ("elementwise", "scalar"):
-            raise ValueError(
-                f"{type(self).__name__}: second_moment must be 'elementwise' or 'scalar', got "
-                f"{group['second_moment']!r}"
-            )
+            raise ValueError(f"{name}: second_moment must be 'elementwise' or 'scalar', got {group['second_moment']!r}")
+        for i, beta in enumerate(group["betas"]):
+            if not 0.0 <= float(beta) < 1.0:
+                raise ValueError(f"{name}: Invalid beta parameter at index {i}: {beta} (must lie in [0, 1))")
+        if not 0.0 <= float(group["eps"]) < math.inf:
+            raise ValueError(f"{name}: Invalid epsilon value: {group['eps']} (must be finite and >= 0)")
 
-    def _euclidean_step(self, group: dict, params: list[Tensor]) -> None:
+    def _euclidean_step(self, group: dict, params: list[Tensor], whole_group: bool = False) -> None:
         self._accelerator_graph_capture_health_check()
-        sub = dict(group)
-        sub["params"] = params
+        sub = group if whole_group else {**group, "params": params}
         ps: list[Tensor] = []
         grads: list[Tensor] = []
         exp_avgs: list[Tensor] = []
         exp_avg_sqs: list[Tensor] = []
         max_exp_avg_sqs: list[Tensor] = []
         steps: list[Tensor] = []
-        has_complex = torch.optim.Adam._init_group(self, sub, ps, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        has_complex = self._init_group(sub, ps, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
         beta1, beta2 = group["betas"]
         _torch_adam(
             ps, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,

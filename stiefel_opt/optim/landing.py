@@ -8,7 +8,10 @@ from torch.optim.optimizer import ParamsT
 from ._base import AdamFamily, SGDFamily, param_manifold
 from ._foreign import check_own_manifolds, group_index, is_foreign
 
-__all__ = ["LandingSGD", "LandingAdam"]
+__all__ = ["LandingSGD", "LandingAdam", "MAX_LAM"]
+
+MAX_LAM = 1e6
+"""Largest accepted landing weight λ: the safe step is capped at 1/(2λ) = 5e-7 there."""
 
 
 class _LandingChecks:
@@ -27,9 +30,15 @@ class _LandingChecks:
             raise ValueError(f"{name}: param group {gi} sets stabilize, which landing has no use for (it "
                              "converges to the manifold by itself); remove it")
         super()._check_group(group)
+
+    def _check_options(self, group: dict) -> None:
+        super()._check_options(group)
         name = type(self).__name__
-        if not group["lam"] > 0:
-            raise ValueError(f"{name}: lam must be > 0, got {group['lam']}")
+        if not 0 < group["lam"] <= MAX_LAM:
+            raise ValueError(
+                f"{name}: lam must lie in (0, {MAX_LAM:g}], got {group['lam']}: beyond it the safe step's cap "
+                "1/(2λ) stops all progress and λ²d² overflows fp32"
+            )
         if not 0.0 < group["safe_eps"] < 1.0:
             raise ValueError(f"{name}: safe_eps must lie in (0, 1), got {group['safe_eps']}")
 
