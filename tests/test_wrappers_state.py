@@ -181,3 +181,17 @@ def test_hf_trainer_resumes_a_wrapped_adamw_with_group_declared_stiefel_params(t
         assert float(F.distance(w.detach())) < 1e-5
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_malformed_manifold_spec_is_refused_at_load_naming_the_group():
+    ps = _params()
+    opt = _wrapped("riemannian", ps)
+    _train(opt, ps, 1)
+    sd = _roundtrip(opt.state_dict())
+    sd["param_groups"][0]["manifold"] = {"manifold": "stiefel", "metric": "hyperbolic", "retraction": "qr", "ndim": 2}
+    with pytest.raises(ValueError, match=r"riemannian\(\): loaded param group 0 has manifold .*metric must be one of"):
+        opt.load_state_dict(sd)
+    sd["param_groups"][0]["manifold"] = {"manifold": "sphere"}
+    with pytest.raises(ValueError, match=r"loaded param group 0 has manifold \{'manifold': 'sphere'\}"):
+        opt.load_state_dict(sd)
+    assert isinstance(opt.param_groups[0]["manifold"], Stiefel) and opt.param_groups[0]["manifold"].metric == "canonical"
