@@ -152,7 +152,7 @@ def test_group_mixing_foreign_stiefel_and_euclidean(make):
 
 
 @pytest.mark.parametrize("make", [LandingSGD, LandingAdam])
-@pytest.mark.parametrize("kind", ["sphere", "stiefel_exact", "stiefel_canonical"])
+@pytest.mark.parametrize("kind", ["sphere", "poincare", "scaled_stiefel"])
 def test_landing_refuses_foreign_manifolds(make, kind):
     p = geoopt.ManifoldParameter(_start(kind), manifold=_manifold(kind))
     with pytest.raises(ValueError, match=r"parameter 0 of param group 0 .*" + type(_manifold(kind)).__name__):
@@ -268,3 +268,21 @@ def test_classification():
         assert is_foreign(m), m
     for m in (None, geoopt.Euclidean(), geoopt.EuclideanStiefel(), Stiefel(), Stiefel(metric="canonical")):
         assert not is_foreign(m), m
+
+
+@pytest.mark.parametrize("make", [LandingSGD, LandingAdam])
+@pytest.mark.parametrize("manifold", [geoopt.Stiefel(), geoopt.EuclideanStiefelExact()], ids=type)
+def test_landing_lands_any_geoopt_stiefel_parameter(make, manifold):
+    """Landing retracts nothing: only the point set matters, so geoopt.Stiefel() (canonical by default)
+    and EuclideanStiefelExact parameters are landed like ours (same update as a Stiefel of that metric)."""
+    torch.manual_seed(0)
+    x0 = F.random_point(12, 3, dtype=torch.float64)
+    a = geoopt.ManifoldParameter(x0.clone(), manifold=manifold)
+    b = StiefelParameter(x0.clone())
+    oa, ob = make([a], lr=0.05), make([b], lr=0.05)
+    for _ in range(5):
+        g = torch.randn_like(x0)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    assert torch.equal(a, b)

@@ -31,6 +31,7 @@ from .. import distributed as _dist
 from .. import functional as F
 from .. import kernels as _kernels
 from ..manifolds import Stiefel, as_stiefel, is_stiefel
+from .._geoopt import geoopt as _geoopt
 from ._foreign import check_foreign, foreign_updates, is_foreign
 
 __all__ = ["BACKENDS", "STEP_FUNCTIONS", "step_function", "param_manifold", "stack_matrices", "unstack_into",
@@ -54,6 +55,8 @@ STEP_FUNCTIONS: dict[str, dict[str, Callable]] = {
 :mod:`stiefel_opt.functional`, ``"triton"`` is :data:`kernels.FUSED_STEPS` (same contracts)."""
 
 _LOW = (torch.float16, torch.bfloat16)
+_GeooptStiefel = _geoopt.manifolds.stiefel.Stiefel
+_GeooptCanonical = _geoopt.manifolds.stiefel.CanonicalStiefel
 _UNSUPPORTED_ON_MANIFOLD = ("fused", "differentiable", "capturable")
 
 
@@ -108,13 +111,18 @@ def step_function(name: str, backend: str = "auto", compile: bool = False) -> Ca
     return _compiled(name) if compile else STEP_FUNCTIONS[backend][name]
 
 
-def param_manifold(group: dict, p: Tensor) -> Stiefel | None:
+def param_manifold(group: dict, p: Tensor, point_set: bool = False) -> Stiefel | None:
     """The group's manifold, else the parameter's own Stiefel manifold, or its own other geoopt manifold
-    (:func:`~stiefel_opt.optim._foreign.is_foreign`: stepped through geoopt's interface), else None."""
+    (:func:`~stiefel_opt.optim._foreign.is_foreign`: stepped through geoopt's interface), else None.
+
+    ``point_set``: only the set {XᵀX = I} matters (landing retracts nothing), so every geoopt Stiefel
+    manifold (``geoopt.Stiefel()`` is the canonical one) is our ``Stiefel`` with its metric."""
     m = group.get("manifold")
     if m is not None:
         return m
     pm = getattr(p, "manifold", None)
+    if point_set and isinstance(pm, _GeooptStiefel) and not isinstance(pm, Stiefel):
+        return Stiefel(metric="canonical" if isinstance(pm, _GeooptCanonical) else "euclidean", ndim=pm.ndim)
     return pm if is_foreign(pm) else as_stiefel(pm) if is_stiefel(pm) else None
 
 
@@ -272,6 +280,10 @@ class StiefelOptimizer:
     _EXTRA: tuple[str, ...] = ()
     _SCALAR_KEYS: tuple[str, ...] = ()
     _STATE_KEYS: tuple[str, ...] = ()  # what a parameter's state may hold besides master/nonfinite_skips
+    _POINT_SET = False  # True: any geoopt Stiefel parameter is stepped as ours (see param_manifold)
+
+    def _manifold_of(self, group: dict, p: Tensor):
+        return param_manifold(group, p, self._POINT_SET)
 
     def _setup(self, extra: dict) -> None:
         self._pending_extra = extra
@@ -335,12 +347,12 @@ class StiefelOptimizer:
     def _check_group(self, group: dict) -> None:
         self._check_options(group)
         name = type(self).__name__
-        manifold_params = [(i, p) for i, p in enumerate(group["params"]) if param_manifold(group, p) is not None]
+        manifold_params = [(i, p) for i, p in enumerate(group["params"]) if self._manifold_of(group, p) is not None]
         if not manifold_params:
             return
         self._check_manifold_options(group)
         for i, p in manifold_params:
-            m = param_manifold(group, p)
+            m = self._manifold_of(group, p)
             if is_foreign(m):
                 check_foreign(self, group, i, p)
                 continue
@@ -371,7 +383,7 @@ class StiefelOptimizer:
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                m = param_manifold(group, p)
+                m = self._manifold_of(group, p)
                 if m is None:
                     euclidean.append(p)
                 else:
@@ -561,7 +573,7 @@ class StiefelOptimizer:
         sd = adopted["sd"]
         for sg, g in zip(sd["param_groups"], self.param_groups):
             for sid, p in zip(sg["params"], g["params"]):
-                if p.dtype in _LOW and param_manifold(g, p) is not None:
+                if p.dtype in _LOW and self._manifold_of(g, p) is not None:
                     for k, v in sd["state"].get(sid, {}).items():
                         if k != "step" and isinstance(v, Tensor) and v.dtype == torch.float32:
                             self.state[p][k] = v.to(device=p.device)
@@ -606,7 +618,7 @@ class StiefelOptimizer:
 
     def _check_loaded_state(self, where: str, group: dict, p: Tensor, st: dict) -> None:
         name = f"{type(self).__name__}.load_state_dict"
-        m = param_manifold(group, p)
+        m = self._manifold_of(group, p)
         if st:
             keys = set(st)
             unknown = keys - set(self._STATE_KEYS) - {"master", "nonfinite_skips"}

@@ -15,11 +15,12 @@ MAX_LAM = 1e6
 
 
 class _LandingChecks:
+    _POINT_SET = True
     def _check_group(self, group: dict) -> None:
         check_own_manifolds(self, group)
         name, gi = type(self).__name__, group_index(self, group)
         for i, p in enumerate(group["params"]):
-            m = param_manifold(group, p)
+            m = param_manifold(group, p, point_set=True)
             if is_foreign(m):
                 raise ValueError(
                     f"{name}: parameter {i} of param group {gi} lies on geoopt's {type(m).__name__} ({m!r}); "
