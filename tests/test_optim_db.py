@@ -26,7 +26,7 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("expecttest", reason="the test extra must install expecttest (torch.testing._internal needs it)")
+import expecttest  # noqa: E402,F401  (the test extra installs it; torch.testing._internal needs it)
 from torch.testing._internal.common_optimizers import (  # noqa: E402
     OptimizerErrorEnum,
     _get_optim_inputs_including_global_cliquey_kwargs,
