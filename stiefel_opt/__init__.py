@@ -18,6 +18,7 @@ from .adapters import (
     save_adapters,
 )
 from .diagnostics import adapter_report, feasibility, stable_rank
+from . import recipes
 
 __version__ = "0.1.0"
 
