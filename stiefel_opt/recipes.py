@@ -69,6 +69,16 @@ def _require(model: nn.Module, recipe: str, methods: tuple[str, ...]) -> None:
         )
 
 
+def _groups(model: nn.Module, lr: float, weight_decay: float, stiefel_decay: bool) -> list[dict]:
+    """:func:`~stiefel_opt.adapters.param_groups` with ``weight_decay`` on every group, the Stiefel
+    group's only when ``stiefel_decay`` (the official scripts decay 1-D parameters too)."""
+    groups = param_groups(model, lr)
+    for g in groups:
+        if stiefel_decay or "manifold" not in g:
+            g["weight_decay"] = weight_decay
+    return groups
+
+
 def polar(model: nn.Module, lr: float = 4e-3, lam: float = 5e-3, weight_decay: float = 0.0,
           betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
           max_grad_norm: float | None = 1.0) -> torch.optim.AdamW:
@@ -83,10 +93,8 @@ def polar(model: nn.Module, lr: float = 4e-3, lam: float = 5e-3, weight_decay: f
     GLUE runs' 0.01; the LLM runs' 0). λ = 5e-3 (LLMs) or 1 (GLUE); the package's relative λ is half.
     """
     _require(model, "polar", ("polar",))
-    groups = param_groups(model, lr)
-    for g in groups:
-        g["weight_decay"] = weight_decay
-    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(_groups(model, lr, weight_decay, stiefel_decay=True), lr=lr, betas=betas, eps=eps,
+                            weight_decay=weight_decay)
     return landing(opt, lam=lam, field="polar", max_grad_norm=max_grad_norm, allow_weight_decay=weight_decay > 0)
 
 
@@ -99,8 +107,8 @@ def stella(model: nn.Module, lr: float = 5e-4, grad_scaling: bool | float = True
     gradient of each factor X ∈ {U, V} (tall, n×r) becomes G − XGᵀX (canonical metric); (3) AdamW
     steps, its moments left untouched (no transport); (4) Δ = s·(X_new − X) with s = √(h/n),
     Δ ← Δ − X sym(XᵀΔ), X ← polar factor of X + Δ. ``grad_scaling``: True takes h from
-    ``model.config.hidden_size``, a number is h, False gives s = 1. ``weight_decay`` applies to the
-    non-Stiefel matrices (S when full), not to U, V or 1-D parameters.
+    ``model.config.hidden_size``, a number is h, False gives s = 1. ``weight_decay`` applies to every
+    trainable parameter but U and V (StelLA's Trainer takes them out of the decay).
     """
     _require(model, "stella", ("stella",))
     hidden = None
@@ -113,7 +121,7 @@ def stella(model: nn.Module, lr: float = 5e-4, grad_scaling: bool | float = True
             )
     elif grad_scaling is not False:
         hidden = grad_scaling
-    opt = torch.optim.AdamW(param_groups(model, lr, weight_decay=weight_decay), lr=lr, betas=betas, eps=eps,
+    opt = torch.optim.AdamW(_groups(model, lr, weight_decay, stiefel_decay=False), lr=lr, betas=betas, eps=eps,
                             weight_decay=weight_decay)
     return riemannian(opt, retraction="polar", metric="canonical", tangent_state=(), hidden_size=hidden,
                       max_grad_norm=max_grad_norm)

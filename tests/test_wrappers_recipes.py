@@ -1,5 +1,5 @@
 """The wrapper options that reproduce published recipes, each checked against a transcription of the
-official update rule written here from the published formulas (no code copied): float64, a Linear
+official update rule (tests/_official.py, from the published formulas, no code copied): float64, a Linear
 64→48 adapter ΔW = B Θ A with r = 4 in PEFT's layout (B 48×4, A 4×64), 20 steps from identical
 tensors, gradients from the same data.
 
@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from _official import max_diff, polar_step, stella_step
 
 import stiefel_opt.functional as F
 from stiefel_opt import landing, riemannian
@@ -42,14 +43,10 @@ def _backward(params, w0, step):
     (x @ (w0 + b @ theta @ a).T - y).square().mean().backward()
 
 
-def _tall_views(params):
-    """(tall factor, its tall gradient, whether it is stored transposed) for B and A."""
+def _factors(params):
+    """(parameter, stored transposed) of the factors: B (tall) and A (wide, tall form Aᵀ)."""
     a, b, _ = params
-    return [(b.detach(), b.grad, False), (a.detach().T, a.grad.T, True)]
-
-
-def _set_grad(p, tall, transposed):
-    p.grad = tall.T.contiguous() if transposed else tall
+    return [(b, False), (a, True)]
 
 
 def _adamw(params, lr, wd_factors, wd_theta):
@@ -59,30 +56,7 @@ def _adamw(params, lr, wd_factors, wd_theta):
                               {"params": [theta], "weight_decay": wd_theta}], lr=lr)
 
 
-def _max_diff(ps, qs):
-    return max(float((p - q).detach().abs().max()) for p, q in zip(ps, qs))
-
-
 # --- PoLAR -------------------------------------------------------------------------------------------
-
-def _polar_official_step(params, opt, lam, max_norm):
-    """PoLAR's training step after backward: (1) if ``max_norm``, every raw gradient is multiplied by
-    min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the 2-norm of all gradients together (the Trainer's
-    clipping); (2) each factor's tall form Z with gradient G gets the field
-    (G Zᵀ − Z Gᵀ) Z + λ Z (ZᵀZ − I), built with the n×n skew matrix as the official callback does;
-    (3) AdamW steps every parameter on its .grad. Returns ‖g‖ before clipping."""
-    norm = torch.sqrt(sum(p.grad.square().sum() for p in params))
-    if max_norm is not None:
-        coef = min(1.0, max_norm / (float(norm) + 1e-6))
-        for p in params:
-            p.grad.mul_(coef)
-    for p, (z, g, transposed) in zip(params[1::-1], _tall_views(params)):
-        skew = g @ z.T - z @ g.T
-        eye = torch.eye(z.shape[1], dtype=z.dtype)
-        _set_grad(p, skew @ z + lam * z @ (z.T @ z - eye), transposed)
-    opt.step()
-    return float(norm)
-
 
 POLAR_CASES = [(5e-3, None, 0.0), (5e-3, 0.05, 0.0), (1.0, None, 0.01), (1.0, 0.05, 0.01)]
 
@@ -100,41 +74,18 @@ def test_landing_polar_field_reproduces_the_official_polar_update(lam, max_norm,
     norms, worst = [], 0.0
     for step in range(STEPS):
         _backward(ref, w0, step)
-        norms.append(_polar_official_step(ref, ref_opt, lam, max_norm))
+        norms.append(polar_step(ref, _factors(ref), ref_opt, lam, max_norm))
         for params, opt in ((ours, our_opt), (relative, rel_opt)):
             _backward(params, w0, step)
             opt.step()
-        worst = max(worst, _max_diff(ref, ours))
+        worst = max(worst, max_diff(ref, ours))
     assert worst <= 1e-12, worst
-    assert _max_diff(ref, relative) > 1e-7  # the package's own convention is a different update
+    assert max_diff(ref, relative) > 1e-7  # the package's own convention is a different update
     if max_norm is not None:
         assert min(norms) > 2 * max_norm  # the clipping acted at every step
 
 
 # --- StelLA ------------------------------------------------------------------------------------------
-
-def _stella_official_step(params, opt, hidden):
-    """StelLA's step: each factor's tall form X with gradient G gets .grad = G − X GᵀX (canonical
-    metric); AdamW steps every parameter (its moments are left as they are); then for each factor
-    Δ = X_after − X, Δ ← Δ / √(n / hidden) (n = rows of the tall form; skipped when hidden is None),
-    Δ ← Δ − X sym(XᵀΔ), and X ← U Vᵀ with U Σ Vᵀ the thin SVD of X + Δ."""
-    factors = params[1::-1]
-    old = []
-    for p, (x, g, transposed) in zip(factors, _tall_views(params)):
-        _set_grad(p, g - x @ (g.T @ x), transposed)
-        old.append((x.clone(), transposed))
-    opt.step()
-    with torch.no_grad():
-        for p, (x, transposed) in zip(factors, old):
-            delta = (p.T if transposed else p) - x
-            if hidden is not None:
-                delta = delta / math.sqrt(x.shape[0] / hidden)
-            xtd = x.T @ delta
-            delta = delta - x @ ((xtd + xtd.T) / 2)
-            u, _, vh = torch.linalg.svd(x + delta, full_matrices=False)
-            new = u @ vh
-            p.copy_(new.T if transposed else new)
-
 
 @pytest.mark.parametrize("hidden", [None, 32], ids=["no-scaling", "hidden=32"])
 def test_riemannian_canonical_reproduces_the_official_stella_update(hidden):
@@ -147,13 +98,13 @@ def test_riemannian_canonical_reproduces_the_official_stella_update(hidden):
     worst = 0.0
     for step in range(STEPS):
         _backward(ref, w0, step)
-        _stella_official_step(ref, ref_opt, hidden)
+        stella_step(ref, _factors(ref), ref_opt, hidden)
         for params, opt in ((ours, our_opt), (default, def_opt)):
             _backward(params, w0, step)
             opt.step()
-        worst = max(worst, _max_diff(ref, ours))
+        worst = max(worst, max_diff(ref, ours))
     assert worst <= 1e-12, worst
-    assert _max_diff(ref, default) > 1e-7  # Euclidean metric + transported moments: another update
+    assert max_diff(ref, default) > 1e-7  # Euclidean metric + transported moments: another update
     assert max(float(F.distance(p.detach())) for p in ours[:2]) < 1e-12
 
 
