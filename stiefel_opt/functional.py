@@ -287,13 +287,13 @@ def _inv_sqrt_psd(s: Tensor) -> Tensor:
     return (q * w.clamp_min(torch.finfo(w.dtype).tiny).rsqrt().unsqueeze(-2)) @ q.transpose(-1, -2)
 
 
-def _polar_via_gram(y: Tensor) -> Tensor:
+def _polar_via_gram(y: Tensor, s: Tensor | None = None) -> Tensor:
     """Polar factor Y (YᵀY)^(−1/2) of a full-rank tall Y, through a p×p eigh, refined once.
 
     The refinement is one Newton–Schulz step, which squares the residual ‖YᵀY − I‖ left by
-    the fp32 eigh of the Gram matrix.
+    the fp32 eigh of the Gram matrix. ``s``: the Gram YᵀY when the caller has it.
     """
-    q = y @ _inv_sqrt_psd(gram(y, y))
+    q = y @ _inv_sqrt_psd(gram(y, y) if s is None else s)
     return _newton_schulz_step(q)
 
 
@@ -301,6 +301,28 @@ def _newton_schulz_step(y: Tensor) -> Tensor:
     """One step of the Newton–Schulz polar iteration Y ← Y (3I − YᵀY)/2."""
     g = gram(y, y)
     return y @ (1.5 * _eye_like(g) - 0.5 * g)
+
+
+def _feasibility_tolerance(p: int, dtype: torch.dtype) -> float:
+    """τ = 8√p·ε_mach of ``dtype``: the distance ‖YᵀY − I‖_F beyond which a retraction's result is
+    re-orthonormalized (fp32: 1.6e-6 at p = 3, 1.1e-5 at p = 128; fp64 ~1e-14). About ten times
+    what a polar factor computed in ``dtype`` is left with."""
+    return 8.0 * p**0.5 * torch.finfo(dtype).eps
+
+
+def _reorthonormalize_far(y: Tensor) -> Tensor:
+    """Per matrix of a tall batch: Y ← Y(YᵀY)^(−1/2) (:func:`_polar_via_gram`) when
+    d = ‖YᵀY − I‖_F > τ (:func:`_feasibility_tolerance`); Y unchanged when d ≤ τ or Y is not finite.
+
+    The retractions that are not exact by construction (cayley, exp, newton_schulz) end with it:
+    they carry the rounding error of X from step to step (the Euclidean exp amplifies it
+    geometrically). One p×p Gram, reused by the polar factor: O(np²); a torch.where over the
+    batch, no host sync."""
+    s = gram(y, y)
+    eye = _eye_like(s)
+    d = torch.linalg.matrix_norm(s - eye)
+    far = ((d > _feasibility_tolerance(y.shape[-1], y.dtype)) & torch.isfinite(d))[..., None, None]
+    return torch.where(far, _polar_via_gram(y, torch.where(far, s, eye)), y)
 
 
 @_tall(2)
@@ -337,7 +359,7 @@ def retract_cayley(x: Tensor, v: Tensor) -> Tensor:
     rl = gram(right, left)
     eye = _eye_like(rl)
     rhs = gram(right, x)
-    return x + left @ torch.linalg.solve(eye - 0.5 * rl, rhs)
+    return _reorthonormalize_far(x + left @ torch.linalg.solve(eye - 0.5 * rl, rhs))
 
 
 @_tall(2)
@@ -350,8 +372,7 @@ def _retract_exp_euclidean(x: Tensor, v: Tensor) -> Tensor:
         dim=-2,
     )
     e = torch.linalg.matrix_exp(block)[..., :, : a.shape[-1]]
-    y = torch.cat([x, v], dim=-1) @ e @ torch.linalg.matrix_exp(-a)
-    return y
+    return _reorthonormalize_far(torch.cat([x, v], dim=-1) @ e @ torch.linalg.matrix_exp(-a))
 
 
 @_tall(2)
@@ -370,7 +391,7 @@ def _retract_exp_canonical(x: Tensor, v: Tensor) -> Tensor:
         dim=-2,
     )
     e = torch.linalg.matrix_exp(block)[..., :, : a.shape[-1]]
-    return torch.cat([x, q], dim=-1) @ e
+    return _reorthonormalize_far(torch.cat([x, q], dim=-1) @ e)
 
 
 def retract_exp(x: Tensor, v: Tensor, metric: str = "euclidean") -> Tensor:
@@ -403,8 +424,9 @@ def newton_schulz(y: Tensor, steps: int = 8) -> Tensor:
 
 @_tall(2)
 def retract_newton_schulz(x: Tensor, v: Tensor, steps: int = 8) -> Tensor:
-    """Polar retraction computed by Newton–Schulz: polar factor of X + V, matmuls only."""
-    return newton_schulz(x + v, steps)
+    """Polar retraction computed by Newton–Schulz: polar factor of X + V, matmuls only (finished
+    by :func:`_reorthonormalize_far` when ``steps`` iterations left it farther than τ)."""
+    return _reorthonormalize_far(newton_schulz(x + v, steps))
 
 
 RETRACTIONS = {

@@ -108,6 +108,57 @@ def test_retractions_land_on_manifold(shape, seed, dtype, method, scale):
     assert F.distance(y).max() <= bound
 
 
+def _off_manifold(shape, dtype, seed, offsets):
+    """X(I + t·E/‖E‖₂) in the tall form, one offset t per matrix (E a Gaussian p×p): full rank,
+    ‖YᵀY − I‖_F ≈ 2t√p for small t."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.random_point(shape, dtype=torch.float64, generator=g)
+    e = torch.randn(*shape[:-2], shape[-1], shape[-1], dtype=torch.float64, generator=g)
+    t = torch.tensor(offsets, dtype=torch.float64).reshape(*shape[:-2], 1, 1)
+    return (x + t * x @ e / torch.linalg.matrix_norm(e, ord=2)[..., None, None]).to(dtype)
+
+
+@given(shapes(kinds=("tall", "square")), seeds, st.sampled_from([torch.float64, torch.float32]), st.data())
+def test_reorthonormalization_lands_far_matrices_and_keeps_near_ones(shape, seed, dtype, data):
+    """Per matrix: d > τ → its polar factor, within τ of the manifold; d ≤ τ → returned bit for bit."""
+    count = math.prod(shape[:-2])
+    sizes = st.sampled_from([0.0, 1e-9, 1e-7, 1e-6, 1e-5, 1e-3, 0.1, 0.5])
+    y = _off_manifold(shape, dtype, seed, data.draw(st.lists(sizes, min_size=count, max_size=count)))
+    tol = F._feasibility_tolerance(shape[-1], dtype)
+    z = F._reorthonormalize_far(y)
+    far = F.distance(y) > tol
+    assert z.dtype == dtype and z.shape == shape
+    assert torch.equal(z[~far], y[~far])
+    assert (F.distance(z) <= tol).all()
+    assert torch.allclose(z[far].double(), F.project(y[far].double()), atol=20 * tol, rtol=0)
+
+
+def test_reorthonormalization_leaves_non_finite_matrices_alone():
+    y = _off_manifold((3, 6, 2), torch.float32, 0, [0.1, 0.0, 0.1])
+    y[0, 1, 1] = float("nan")
+    y[2, 0, 0] = float("inf")
+    z = F._reorthonormalize_far(y)
+    assert torch.equal(z[1], y[1]) and torch.isnan(z[0]).sum() == 1 and torch.isinf(z[2]).sum() == 1
+    assert torch.equal(z[0].nan_to_num(), y[0].nan_to_num()) and torch.equal(z[2].nan_to_num(), y[2].nan_to_num())
+
+
+@given(shapes(min_side=1, max_side=10), seeds, st.sampled_from([torch.float64, torch.float32]),
+       st.sampled_from(sorted(F.RETRACTIONS)), st.sampled_from(F.METRICS), st.floats(1e-6, 1e-2),
+       st.floats(0.01, 3.0))
+def test_retractions_land_within_tolerance_from_a_point_off_the_manifold(shape, seed, dtype, method, metric,
+                                                                         off, scale):
+    """Every retraction's result is within τ = 8√p·ε of the manifold, even from an X that carries a
+    rounding-like error (which cayley and exp would otherwise keep, and the Euclidean exp amplify)."""
+    tall = shape if shape[-2] >= shape[-1] else (*shape[:-2], shape[-1], shape[-2])
+    x = _off_manifold(tall, torch.float64, seed, [off] * math.prod(shape[:-2]))
+    v = F.proj_tangent(x, torch.randn(tall, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    v = scale * v / torch.linalg.matrix_norm(v).clamp_min(1e-12)[..., None, None]
+    if tall != shape:
+        x, v = x.mT, v.mT
+    y = F.retract(x.to(dtype), v.to(dtype), method, metric)
+    assert F.distance(y).max() <= F._feasibility_tolerance(tall[-1], dtype)
+
+
 @given(shapes(), seeds, st.floats(0.01, 1.0))
 def test_qr_retraction_is_the_sign_fixed_q_factor(shape, seed, scale):
     x, v = point_and_tangent(shape, torch.float64, seed, scale)
