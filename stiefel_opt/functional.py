@@ -352,6 +352,7 @@ def retract_cayley(x: Tensor, v: Tensor) -> Tensor:
 
     W X = V for tangent V. With W = L Rᵀ, L = [P, X], R = [X, −P] (n×2p), the Woodbury identity
     gives Y = X + L (I − RᵀL/2)⁻¹ RᵀX: one 2p×2p solve, never an n×n matrix (Wen & Yin 2013).
+    Y keeps X's distance to the manifold: :func:`_reorthonormalize_far` removes it past τ.
     """
     p_ = v - 0.5 * x @ gram(x, v)
     left = torch.cat([p_, x], dim=-1)
@@ -399,6 +400,7 @@ def retract_exp(x: Tensor, v: Tensor, metric: str = "euclidean") -> Tensor:
 
     euclidean: Y = [X, V] expm([[A, −S], [I, A]])[:, :p] expm(−A), A = XᵀV, S = VᵀV.
     canonical: QR = (I − XXᵀ)V, Y = [X, Q] expm([[A, −Rᵀ], [R, 0]])[:, :p].
+    Then :func:`_reorthonormalize_far`: Y carries (euclidean: amplifies) X's rounding error.
     """
     if metric == "euclidean":
         return _retract_exp_euclidean(x, v)
@@ -441,7 +443,11 @@ accepts; ``exp`` is the euclidean-metric geodesic here, :func:`retract` passes t
 
 
 def retract(x: Tensor, v: Tensor, method: str = "polar", metric: str = "euclidean") -> Tensor:
-    """R_X(V) by name: one of ``polar``, ``qr``, ``cayley``, ``exp`` or ``newton_schulz``."""
+    """R_X(V) by name: one of ``polar``, ``qr``, ``cayley``, ``exp`` or ``newton_schulz``.
+
+    For finite X and V with X + V of full rank, every result has ‖YᵀY − I‖_F ≤ τ = 8√p·ε_mach of
+    the compute dtype (bf16/fp16 results are then rounded): polar and qr by construction, the
+    others through :func:`_reorthonormalize_far`."""
     if method == "exp":
         return retract_exp(x, v, metric)
     try:
