@@ -7,6 +7,7 @@ import stiefel_opt as so
 from stiefel_opt import functional as F
 
 STEPS = 10_000
+CHECK_EVERY = 10  # steps between distance checks
 SHAPE = (3, 8, 3)  # a stack of three St(8, 3) matrices
 FEAS32 = 1e-5  # the issue's fp32 bound on ‖XᵀX − I‖_F for a retraction's result
 
@@ -20,8 +21,8 @@ def test_paths_cover_every_retraction():
 
 
 class Regression:
-    """Stochastic least squares ½E‖A(X − W)‖² per matrix, W = 3·(a point of St(8, 3)) off the manifold
-    so the Riemannian gradient never vanishes; each call draws a fresh minibatch A (12×8)."""
+    """Stochastic least squares ‖A(X − W)‖²/(2·12) per matrix, W = 3·(a point of St(8, 3)) off the
+    manifold so the Riemannian gradient never vanishes; each call draws a fresh minibatch A (12×8)."""
 
     def __init__(self, seed):
         self.gen = torch.Generator().manual_seed(seed)
@@ -39,38 +40,42 @@ def _check(x, step, bound, what):
     d = F.distance(x)
     assert torch.isfinite(x).all(), f"{what}: non-finite entries at step {step}"
     assert float(d.max()) <= bound, f"{what}: ‖XᵀX − I‖_F = {float(d.max()):.3g} > {bound:g} at step {step}"
-    return d
 
 
 @pytest.mark.parametrize("method,metric", PATHS)
-def test_retraction_stays_on_the_manifold_for_10000_steps(method, metric):
-    """Riemannian gradient descent x ← R_x(−rgrad) in fp32: long steps (‖rgrad‖_F ≈ 10), the
-    regime where the unprotected Euclidean exp turns NaN and the Cayley transform drifts past 1e-5."""
+@torch.inference_mode()
+def test_riemannian_sgd_step_stays_on_the_manifold_for_10000_steps(method, metric):
+    """RiemannianSGD's step (:func:`F.riemannian_sgd_update`, which the optimizer runs on CPU) with
+    the issue's lr = 1, momentum = 0.9 for 10,000 fp32 steps. Uncorrected, exp (both metrics) leaves
+    1e-5 within a few steps, Newton–Schulz when a step is too long for its 8 iterations, and Cayley
+    drifts past it (rounding carried from step to step)."""
     problem = Regression(seed=len(method))
-    x = problem.start()
+    x, buf = problem.start(), None
     for step in range(1, STEPS + 1):
-        x = F.retract(x, -F.egrad2rgrad(x, problem.grad(x), metric), method, metric)
-        _check(x, step, FEAS32, f"{method}/{metric}")
+        x, buf = F.riemannian_sgd_update(x, problem.grad(x), buf, lr=1.0, momentum=0.9, retraction=method,
+                                         metric=metric)
+        if step % CHECK_EVERY == 0:
+            _check(x, step, FEAS32, f"{method}/{metric}")
 
 
-@pytest.mark.parametrize("opt_cls,kwargs,paths", [
-    # the issue's RiemannianSGD(lr=1, momentum=0.9) run (exp: NaN by step 300), and Adam, whose short
-    # steps let the rounding error of exp grow (1e-5 by step 50 before the correction); each group is
-    # one retraction path
-    (so.RiemannianSGD, dict(lr=1.0, momentum=0.9), [("exp", "euclidean")]),
-    (so.RiemannianAdam, dict(lr=0.05), [("exp", "euclidean")]),
+@pytest.mark.parametrize("opt_cls,kwargs", [
+    (so.RiemannianSGD, dict(lr=1.0, momentum=0.9)),
+    (so.RiemannianAdam, dict(lr=0.05)),  # short steps: uncorrected, exp passes 1e-5 by step 50
 ], ids=["RiemannianSGD", "RiemannianAdam"])
-def test_riemannian_optimizer_stays_on_the_manifold_for_10000_steps(opt_cls, kwargs, paths):
+def test_riemannian_optimizer_keeps_every_retraction_on_the_manifold(opt_cls, kwargs):
+    """The optimizer classes, one param group per retraction path, 300 steps (the 10,000-step runs
+    of each path are above: the optimizer's step is that function)."""
     problem = Regression(seed=1)
-    params = [torch.nn.Parameter(problem.start()) for _ in paths]
+    params = [torch.nn.Parameter(problem.start()) for _ in PATHS]
     opt = opt_cls([{"params": [w], "manifold": so.Stiefel(metric=metric, retraction=method)}
-                   for w, (method, metric) in zip(params, paths)], **kwargs)
-    for step in range(1, STEPS + 1):
+                   for w, (method, metric) in zip(params, PATHS)], **kwargs)
+    for step in range(1, 301):
         for w in params:
             w.grad = problem.grad(w.detach())
         opt.step()
-        for w, (method, metric) in zip(params, paths):
-            _check(w.detach(), step, FEAS32, f"{opt_cls.__name__} {method}/{metric}")
+        if step % CHECK_EVERY == 0:
+            for w, (method, metric) in zip(params, PATHS):
+                _check(w.detach(), step, FEAS32, f"{opt_cls.__name__} {method}/{metric}")
 
 
 def _brockett(seed):
@@ -87,8 +92,8 @@ def _brockett(seed):
 
 @pytest.mark.parametrize("opt_cls,kwargs,cosine,end", [
     (so.LandingSGD, dict(lr=0.05, momentum=0.9), False, FEAS32),
-    # Adam scales the fp32 rounding noise of the tangent term (≈1e-6 at the minimum) to steps of
-    # size lr, so it settles only as a cosine schedule takes lr to 0, at d ≈ 3e-5
+    # Adam's normalized steps do not shrink with the gradient: in fp32 it settles only as a cosine
+    # schedule takes lr to 0 (d ≈ 3e-5 at the end; 5e-4 at a constant lr 0.02)
     (so.LandingAdam, dict(lr=0.02), True, 1e-4),
 ], ids=["LandingSGD", "LandingAdam"])
 def test_landing_optimizer_stays_in_the_safe_region_for_10000_steps(opt_cls, kwargs, cosine, end):
@@ -104,7 +109,8 @@ def test_landing_optimizer_stays_in_the_safe_region_for_10000_steps(opt_cls, kwa
         opt.step()
         if schedule is not None:
             schedule.step()
-        _check(w.detach(), step, safe_eps, opt_cls.__name__)
+        if step % CHECK_EVERY == 0:
+            _check(w.detach(), step, safe_eps, opt_cls.__name__)
     x = w.detach()
     _check(x, STEPS, end, f"{opt_cls.__name__} at the end")
     value = (x * (grad(x) / 2)).sum(dim=(-2, -1))  # −tr(XᵀAXN) per matrix
