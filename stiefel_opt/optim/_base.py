@@ -148,10 +148,9 @@ def unstack_into(dst: list[Tensor], stack: Tensor) -> None:
 
 
 def nonfinite_matrices(g: Tensor) -> Tensor:
-    """(B,) mask of the matrices of a (B, n, p) stack holding a NaN or ±inf (it shows in the max or
-    the min: two cheap reductions)."""
-    dims = (-2, -1)
-    return ~(g.amax(dim=dims).isfinite() & g.amin(dim=dims).isfinite())
+    """(B,) mask of the matrices of a (B, n, p) stack holding a NaN or ±inf, or entries so large that
+    their sum overflows (no update survives those either): one reduction, ``~isfinite(Σ g)``."""
+    return ~g.sum(dim=(-2, -1)).isfinite()
 
 
 def _manifold_spec(m: Stiefel) -> dict:
@@ -389,19 +388,27 @@ class StiefelOptimizer:
                 else:
                     manifold.append((i, p, m))
             plan.append((gi, group, euclidean, manifold))
-        with torch.no_grad():
-            commits = [c for gi, group, _, manifold in plan if manifold
-                       for c in self._manifold_updates(gi, group, manifold)]
-        for _, group, euclidean, manifold in plan:
-            if euclidean:
-                self._euclidean_step(group, euclidean, whole_group=not manifold)
+        rollbacks: list[Callable[[], None]] = []
+        try:
+            with torch.no_grad():
+                commits = [c for gi, group, _, manifold in plan if manifold
+                           for c in self._manifold_updates(gi, group, manifold, rollbacks)]
+            for _, group, euclidean, manifold in plan:
+                if euclidean:
+                    self._euclidean_step(group, euclidean, whole_group=not manifold)
+        except BaseException:
+            with torch.no_grad():
+                for undo in reversed(rollbacks):
+                    undo()
+            raise
         with torch.no_grad():
             for commit in commits:
                 commit()
         return loss
 
-    def _manifold_updates(self, gi: int, group: dict, items: list) -> list[Callable[[], None]]:
-        """The group's bucket updates, computed but not written: one commit callable per bucket."""
+    def _manifold_updates(self, gi: int, group: dict, items: list, rollbacks: list) -> list[Callable[[], None]]:
+        """The group's bucket updates, computed but not published: one commit callable per bucket
+        (the in-place state updates register their undo on ``rollbacks``)."""
         self._check_options(group)
         self._check_manifold_options(group)
         foreign, items = foreign_updates(self, gi, group, items)
@@ -433,59 +440,80 @@ class StiefelOptimizer:
             b.names.append(where)
             b.counts.append(math.prod(p_loc.shape[: p_loc.dim() - m.ndim]))
         fn = step_function(self._STEP, group["backend"], group.get("compile", False))
-        return foreign + [self._bucket_update(group, b, fn if b.layout is None else
-                                    _dist.sharded_step(STEP_FUNCTIONS["torch"][self._STEP], b.layout, group["backend"]))
-                for b in buckets.values()]
+        return foreign + [self._bucket_update(group, b, fn if b.layout is None else _dist.sharded_step(
+            STEP_FUNCTIONS["torch"][self._STEP], b.layout, group["backend"]), rollbacks) for b in buckets.values()]
 
-    def _bucket_update(self, group: dict, b: _Bucket, fn: Callable) -> Callable[[], None]:
-        """Compute one bucket's update on copies of its state; return the commit that writes it."""
+    def _bucket_update(self, group: dict, b: _Bucket, fn: Callable, rollbacks: list) -> Callable[[], None]:
+        """Compute one bucket's update and return the commit that publishes it.
+
+        The moments are updated in place in the states' own buffers, after a backup of them (pushed
+        on ``rollbacks``, which restores them if this or any later part of the step fails). The
+        optimistic pass checks only the results (new point and state); when one is not finite, or a
+        factorization failed, the state is restored and the matrices whose gradient or point is not
+        finite are masked out for a second pass; what is still bad is skipped (rows restored) or
+        raises."""
         x = b.stacked("master", init=lambda: b.gather(b.params)) if b.master else b.gather(b.params)
         g = b.gather(b.grads)
         if group["maximize"]:
             g = -g
-        bad_grad = nonfinite_matrices(g)
-        bad_in = _dist.agree(bad_grad | nonfinite_matrices(x), b.layout)
-        x_in = x
-        if bool(bad_in.any()):
-            g = g.masked_fill(bad_in[:, None, None], 0.0)
-            x_in = _ensure_finite_points(x, bad_in)
-        old = self._state_stacks(group, b)
-        stacks = {k: None if t is None else t.clone() for k, t in old.items()}
-        try:
-            x_new = self._manifold_update(group, b, fn, x_in, g, stacks)
-        except torch.linalg.LinAlgError as err:
-            if group["nonfinite"] == "raise":
-                raise FloatingPointError(
-                    f"{type(self).__name__}: the update of {b.describe(torch.ones_like(bad_in))} failed "
-                    f"({err}); nothing was changed"
-                ) from err
-            x_new, stacks = x_in, {k: None if t is None else t.clone() for k, t in old.items()}
-            bad_out = torch.ones_like(bad_in)
+        stacks = self._state_stacks(group, b)
+        backup = {k: t.clone() for k, t in stacks.items() if t is not None}
+
+        def rollback():
+            for k, t in backup.items():
+                stacks[k].copy_(t)
+
+        rollbacks.append(rollback)
+        x_new, bad = self._attempt(group, b, fn, x, g, stacks)
+        if bad is None:
+            any_bad, any_stalled = True, False
         else:
-            bad_out = nonfinite_matrices(x_new)
-            for t in stacks.values():
-                if t is not None:
-                    bad_out |= nonfinite_matrices(t)
-        bad = _dist.agree(bad_in | bad_out, b.layout)
-        stalled = self._stalled(b, x_in, x_new, bad)
-        any_bad, any_stalled = torch.stack([bad.any(), stalled.any()]).tolist()
-        if any_stalled:
-            x_new = self._land_from_outside(group, b, x_in, x_new, stalled)
-        skips = [0] * len(b.states)
+            bad = _dist.agree(bad, b.layout)
+            stalled = self._stalled(b, x, x_new, bad)
+            any_bad, any_stalled = torch.stack([bad.any(), stalled.any()]).tolist()  # the one host sync
+        failed = bad is None
         if any_bad:
-            self._report_nonfinite(group, b, bad, bad_grad)
+            rollback()
+            bad_grad = nonfinite_matrices(g)
+            bad_in = _dist.agree(bad_grad | nonfinite_matrices(x), b.layout)
+            x_new, bad = x, None
+            if bool(bad_in.any()):  # mask the bad inputs out and try the others again
+                x_new, bad = self._attempt(group, b, fn, _ensure_finite_points(x, bad_in),
+                                           g.masked_fill(bad_in[:, None, None], 0.0), stacks)
+            if bad is None:  # a factorization fails on finite input: the whole bucket
+                rollback()
+                bad, x_new = torch.ones_like(bad_in), x
+            bad = _dist.agree(bad | bad_in, b.layout)
+            self._report_nonfinite(group, b, bad, bad_grad, failed)
             x_new = torch.where(bad[:, None, None], x, x_new)
             for k, t in stacks.items():
                 if t is not None:
-                    t[bad] = 0.0 if old[k] is None else old[k][bad]
-            skips = b.per_param(bad)
-        return functools.partial(self._commit, group, b, x_new, stacks, skips)
+                    t[bad] = backup[k][bad] if k in backup else 0.0
+            stalled = self._stalled(b, x, x_new, bad)
+            any_stalled = bool(stalled.any())
+        if any_stalled:
+            x_new = self._land_from_outside(group, b, x, x_new, stalled)
+        skips = b.per_param(bad) if any_bad else [0] * len(b.states)
+        return functools.partial(self._commit, group, b, x, x_new, stacks, skips)
+
+    def _attempt(self, group: dict, b: _Bucket, fn: Callable, x: Tensor, g: Tensor, stacks: dict):
+        """(X⁺, (B,) mask of non-finite results), or (x, None) when a factorization failed."""
+        try:
+            x_new = self._manifold_update(group, b, fn, x, g, stacks)
+        except torch.linalg.LinAlgError:
+            return x, None
+        total = x_new.sum(dim=(-2, -1))
+        for t in stacks.values():
+            if t is not None:
+                total = total + t.sum(dim=(-2, -1))
+        return x_new, ~total.isfinite()
 
     def _stalled(self, b: _Bucket, x: Tensor, x_new: Tensor, bad: Tensor) -> Tensor:
-        """(B,) mask of matrices a landing step left exactly in place (none for retractions)."""
+        """(B,) mask of matrices a landing step may have left exactly in place (none for retractions):
+        their first row did not move (a zero step moves no row; a false alarm only costs a check of d)."""
         if not self._STEP.startswith("landing") or b.layout is not None:
             return torch.zeros_like(bad)
-        return (x_new == x).flatten(1).all(1) & ~bad
+        return (x_new[:, 0] == x[:, 0]).all(-1) & ~bad
 
     def _land_from_outside(self, group: dict, b: _Bucket, x: Tensor, x_new: Tensor, stalled: Tensor) -> Tensor:
         """A matrix with d = ‖XᵀX − I‖_F ≥ 1 gets a zero safe step forever (η* = 0 there): project it
@@ -506,8 +534,10 @@ class StiefelOptimizer:
         x_new[idx] = F.project(x[idx]).to(x_new.dtype)
         return x_new
 
-    def _report_nonfinite(self, group: dict, b: _Bucket, bad: Tensor, bad_grad: Tensor) -> None:
+    def _report_nonfinite(self, group: dict, b: _Bucket, bad: Tensor, bad_grad: Tensor, failed: bool) -> None:
         what = "non-finite gradient" if bool((bad == bad_grad).all()) else "non-finite gradient, parameter or update"
+        if failed:
+            what += " (a factorization failed)"
         where = b.describe(bad)
         if group["nonfinite"] == "raise":
             raise FloatingPointError(
@@ -521,14 +551,18 @@ class StiefelOptimizer:
             stacklevel=5,
         )
 
-    def _commit(self, group: dict, b: _Bucket, x_new: Tensor, stacks: dict, skips: list[int]) -> None:
-        """Write a computed bucket update: state buffers, fp32 masters, parameters, counters."""
+    def _commit(self, group: dict, b: _Bucket, x: Tensor, x_new: Tensor, stacks: dict, skips: list[int]) -> None:
+        """Publish a computed bucket update: new state buffers (ones the states do not view yet), fp32
+        masters, parameters, counters."""
         scalar = self._scalar_keys(group)
         for k, t in stacks.items():
-            if t is not None:
+            if t is not None and not self._viewed(b, k, t):
                 b.assign(k, t, scalar=k in scalar)
         if b.master:
-            b.assign("master", x_new)
+            if self._viewed(b, "master", x):
+                x.copy_(x_new)
+            else:
+                b.assign("master", x_new)
         b.scatter(x_new)
         for s, n_bad in zip(b.states, skips):
             if n_bad:
@@ -537,6 +571,12 @@ class StiefelOptimizer:
         for p, s in zip(b.owners, b.states):
             if s and p not in self.state:
                 self.state[p] = s
+
+    @staticmethod
+    def _viewed(b: _Bucket, key: str, buf: Tensor) -> bool:
+        """Whether the states' ``key`` entries already are views of ``buf`` (see :meth:`_Bucket.stacked`)."""
+        first = b.states[0].get(key)
+        return first is not None and first._base is buf
 
     def _advance(self, b: _Bucket, skips: list[int]) -> None:
         """Per-parameter counters after a committed step (Adam: the step count)."""
@@ -741,6 +781,12 @@ class AdamFamily(StiefelOptimizer):
         beta1, beta2 = group["betas"]
         return {"step": self._bucket_tag(group, b.states[0]) + 1, "lr": float(group["lr"]), "beta1": float(beta1),
                 "beta2": float(beta2), "eps": group["eps"], "scalar_v": group["second_moment"] == "scalar"}
+
+    @staticmethod
+    def _viewed(b: _Bucket, key: str, buf: Tensor) -> bool:
+        """Whether the states' ``key`` entries already are views of ``buf`` (see :meth:`_Bucket.stacked`)."""
+        first = b.states[0].get(key)
+        return first is not None and first._base is buf
 
     def _advance(self, b: _Bucket, skips: list[int]) -> None:
         for s in b.states:
