@@ -1,5 +1,7 @@
 """Smoke tests of the benchmark code: factorization math, the shipped data set, the report writers."""
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -147,33 +149,124 @@ def test_steptime_scaling_times_every_optimizer_at_every_point():
     assert len(lines) == 4 and lines[2].startswith("| 8 |") and lines[2].count("×)") == len(steptime.SCALING) - 1
 
 
-def test_finetune_shards_share_one_grid_and_resume_skips_finished_runs(tmp_path, monkeypatch):
-    finetune = pytest.importorskip("benchmarks.finetune")
+def _fake_finetune(monkeypatch, finetune, val_best=1e-3, test_best=1e-2, diverge=()):
+    """Replace model loading and training: validation accuracy peaks at ``val_best``, test accuracy at
+    ``test_best``; (method, lr) pairs in ``diverge`` diverge. Returns the list of trained runs."""
+    import math
+
     trained = []
 
-    def fake_train(method, model, train, test, n_classes, r, top, steps, batch_size, seed, log_every):
-        trained.append((method.name, r, seed))
-        return {"accuracy": 0.5 + seed / 10, "stable_rank": float(r), "stable_rank_update": float(r),
-                "feasibility": 0.0, "sec_per_step": 0.1, "curve": [(1, float(r), float(r), 1.0)]}
+    def fake_train(method, lr, seed, r, model, data, n_classes, setting):
+        trained.append((method.name, r, lr, seed))
+        if (method.name, lr) in diverge:
+            return {"diverged_at": 3, "val_accuracy": None, "accuracy": None, "stable_rank": None,
+                    "stable_rank_update": None, "feasibility": None, "sec_per_step": 0.1, "curve": []}
+        val = 0.9 - 0.1 * abs(math.log10(lr / val_best))
+        test = 0.9 - 0.1 * abs(math.log10(lr / test_best)) + seed / 100
+        return {"diverged_at": None, "val_accuracy": val, "accuracy": test, "stable_rank": float(r),
+                "stable_rank_update": float(r), "feasibility": 0.0, "sec_per_step": 0.1,
+                "curve": [(1, float(r), float(r), 1.0)]}
 
     monkeypatch.setattr(finetune, "load_model", lambda: (None, None))
-    monkeypatch.setattr(finetune, "load_cached", lambda *a: (["x", "y"], [0] * 4, [0] * 2))
+    monkeypatch.setattr(finetune, "load_cached", lambda *a: (["x", "y"], [0] * 4, [0] * 3, [0] * 2))
     monkeypatch.setattr(finetune, "train_one", fake_train)
-    setting = finetune.Setting(methods=("LoRA+AdamW", "PoLAR+LandingAdam"), ranks=(4, 8), seeds=(0, 1), steps=3)
-    jobs = {(m, r, s) for m in setting.methods for r in setting.ranks for s in setting.seeds}
-    with pytest.raises(ValueError, match="resume"):
-        finetune.run(out=tmp_path, setting=setting, shard=(0, 2))
+    return trained
 
-    first = finetune.run(out=tmp_path, setting=setting, resume=True, shard=(0, 2))
-    assert len(trained) == 4 and sum(row["seeds"] for row in first["rows"]) == 4
-    assert not json.loads((tmp_path / "finetune.json").read_text())["complete"]
-    finetune.run(out=tmp_path, setting=setting, resume=True, shard=(1, 2))
-    assert set(trained) == jobs and len(trained) == 8  # the second shard took exactly the rest
+
+def test_finetune_selects_the_lr_on_validation_not_test(tmp_path, monkeypatch):
+    finetune = pytest.importorskip("benchmarks.finetune")
+    # validation prefers 1e-3, test would prefer 1e-2: the report must use 1e-3
+    trained = _fake_finetune(monkeypatch, finetune, val_best=1e-3, test_best=1e-2,
+                             diverge={("PoLAR (official recipe)", 1e-3)})
+    setting = finetune.Setting(methods=("LoRA (AdamW)", "PoLAR (official recipe)"), ranks=(8,),
+                               lrs=(1e-4, 1e-3, 1e-2), seeds=(0, 1, 2), steps=3)
+    out = finetune.run(out=tmp_path, setting=setting)
+    rows = {row["method"]: row for row in out["rows"]}
+    assert rows["LoRA (AdamW)"]["lr"] == 1e-3
+    # its 1e-3 run diverged, so PoLAR's choice is between 1e-4 and 1e-2 (equal validation: the smaller)
+    assert rows["PoLAR (official recipe)"]["lr"] == 1e-4
+    assert all(row["seeds"] == 3 for row in rows.values())
+    # 3 selection runs per method at seed 0, then seeds 1 and 2 at the selected lr only (seed 0 reused)
+    assert sorted(trained) == sorted(
+        [(m, 8, lr, 0) for m in setting.methods for lr in setting.lrs]
+        + [("LoRA (AdamW)", 8, 1e-3, s) for s in (1, 2)] + [("PoLAR (official recipe)", 8, 1e-4, s) for s in (1, 2)])
+    assert rows["LoRA (AdamW)"]["test acc"] == "81.0 ± 1.0"  # test accuracy at 1e-3, seeds 0, 1, 2
+    md = (tmp_path / "finetune.md").read_text()
+    assert "| LoRA (AdamW) | 8 | 80.0 | **90.0** | 80.0 |" in md and "diverged@3" in md
+    assert json.loads((tmp_path / "finetune.json").read_text())["complete"]
+
+
+def test_finetune_select_lr():
+    finetune = pytest.importorskip("benchmarks.finetune")
+    assert finetune.select_lr({1e-3: [0.5, 0.7], 1e-2: [0.65], 3e-3: [None]}) == 1e-2
+    assert finetune.select_lr({1e-3: [0.6], 1e-2: [0.6]}) == 1e-3
+    assert finetune.select_lr({1e-3: [None], 1e-2: []}) is None
+
+
+def test_finetune_validation_split_is_disjoint_from_train_and_test(monkeypatch, tmp_path):
+    finetune = pytest.importorskip("benchmarks.finetune")
+    seen = {}
+
+    def fake_encode(tok, model, texts, labels, top, batch_size=64):
+        seen.setdefault("sets", []).append(texts)
+        return finetune.Cached(torch.zeros(len(texts), 1), torch.arange(len(texts) + 1), torch.tensor(labels))
+
+    monkeypatch.setattr(finetune, "encode_lower", fake_encode)
+    _, train, val, test = finetune.load_cached(None, None, 2, 100, 40, 30, tmp_path)
+    assert (len(train), len(val), len(test)) == (100, 40, 30)
+    tr, va, te = (set(t) for t in seen["sets"])
+    assert not tr & va and not va & te and not tr & te
+    _, splits = load_wordnet()
+    assert va <= {t for t, _ in splits["train"]}  # carved from the train split, never the test split
+    with pytest.raises(ValueError, match="exceeds"):
+        finetune.load_cached(None, None, 2, 9_500, 1_000, 30, tmp_path)
+
+
+def test_finetune_shards_share_one_grid_and_resume_skips_finished_runs(tmp_path, monkeypatch):
+    finetune = pytest.importorskip("benchmarks.finetune")
+    trained = _fake_finetune(monkeypatch, finetune)
+    setting = finetune.Setting(methods=("LoRA (AdamW)", "PoLAR + LandingAdam"), ranks=(4, 8), lrs=(1e-3, 1e-2),
+                               seeds=(0, 1), steps=3)
+    needed = {(m, r, lr, 0) for m in setting.methods for r in setting.ranks for lr in setting.lrs}
+    needed |= {(m, r, 1e-3, 1) for m in setting.methods for r in setting.ranks}
+    with pytest.raises(ValueError, match="resume"):
+        finetune.run(out=tmp_path, setting=setting, shard=(1, 2))
+
+    # shard 1 alone: its seed jobs find their selection unfinished and train the missing runs themselves
+    first = finetune.run(out=tmp_path, setting=setting, resume=True, shard=(1, 2), poll=0.01)
+    assert len(trained) == len(set(trained)) and set(trained) <= needed and first["rows"]
+    finetune.run(out=tmp_path, setting=setting, resume=True, shard=(0, 2), poll=0.01)
+    assert set(trained) == needed and len(trained) == len(needed)  # the other shard took exactly the rest
+    assert not list((tmp_path / "runs").glob("*.running"))
     done = finetune.run(out=tmp_path, setting=setting, resume=True)
-    assert len(trained) == 8 and json.loads((tmp_path / "finetune.json").read_text())["complete"]
-    assert [row["accuracy"] for row in done["rows"]] == ["55.0 ± 7.1"] * 4
+    assert len(trained) == len(needed) and json.loads((tmp_path / "finetune.json").read_text())["complete"]
+    assert [row["test acc"] for row in done["rows"]] == ["80.5 ± 0.7"] * 4
     finetune.run(out=tmp_path, setting=setting)  # without resume every run is trained again
-    assert len(trained) == 16
+    assert len(trained) == 2 * len(needed)
     longer = finetune.Setting(**{**setting.__dict__, "steps": 4})  # another setting never reuses a run
     finetune.run(out=tmp_path, setting=longer, resume=True)
-    assert len(trained) == 24
+    assert len(trained) == 3 * len(needed)
+
+
+def test_finetune_a_seed_job_waits_for_a_selection_run_another_process_holds(tmp_path, monkeypatch):
+    finetune = pytest.importorskip("benchmarks.finetune")
+    import threading
+
+    trained = _fake_finetune(monkeypatch, finetune)
+    setting = finetune.Setting(methods=("LoRA (AdamW)",), ranks=(8,), lrs=(1e-3, 1e-2), seeds=(0, 1), steps=3)
+    held = finetune._run_path(tmp_path, setting, "LoRA (AdamW)", 8, 1e-2, 0)
+    held.parent.mkdir(parents=True)
+    held.with_suffix(".running").write_text(str(os.getppid()))  # a live process that is not this one
+
+    def release():  # the "other process" finishes its run
+        time.sleep(0.3)
+        finetune.write_json(held, {"method": "LoRA (AdamW)", "r": 8, "lr": 1e-2, "seed": 0, "seconds": 1.0,
+                                   "diverged_at": None, "val_accuracy": 0.95, "accuracy": 0.5, "stable_rank": 1.0,
+                                   "stable_rank_update": 1.0, "feasibility": 0.0, "sec_per_step": 0.1, "curve": []})
+        held.with_suffix(".running").unlink()
+
+    threading.Thread(target=release).start()
+    out = finetune.run(out=tmp_path, setting=setting, resume=True, shard=(0, 2), poll=0.05)
+    # the held run was waited for, not retrained; its higher validation accuracy selected 1e-2
+    assert ("LoRA (AdamW)", 8, 1e-2, 0) not in trained
+    assert out["rows"][0]["lr"] == 1e-2 and ("LoRA (AdamW)", 8, 1e-2, 1) in trained
