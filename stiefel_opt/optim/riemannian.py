@@ -123,8 +123,9 @@ class RiemannianAdam(_Stabilize, AdamFamily, torch.optim.Adam):
     ``decoupled_weight_decay=True``) on every other parameter.
 
     On a Stiefel parameter: ξ = rgrad(X, G); m ← β1·m + (1−β1)·ξ; v ← β2·v + (1−β2)·ξ⊙ξ
-    (``second_moment="scalar"``: the mean of ξ² per matrix, the Bécigneul–Ganea/geoopt form
-    normalized per entry, so lr transfers from element-wise Adam); D = m̂/(√v̂ + eps) projected on
+    (``second_moment="scalar"``: the mean of ξ² per matrix, so lr transfers from element-wise Adam;
+    with the Euclidean metric this is geoopt's ‖ξ‖²_F form with lr and eps divided by √(np), see
+    docs/geoopt.md); D = m̂/(√v̂ + eps) projected on
     the tangent space; X ← R_X(−lr·D); m ← P_X(m). ``amsgrad`` and ``maximize`` as in torch. No
     weight decay on Stiefel parameters. Other options (``stabilize``: m is projected) as
     :class:`RiemannianSGD`.
