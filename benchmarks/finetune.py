@@ -113,6 +113,9 @@ class Cached:
 @torch.inference_mode()
 def encode_lower(tok, model, texts: list[str], labels: list[int], top: int, batch_size: int = 64) -> Cached:
     """Hidden states after the first ``L − top`` layers for every text (length-sorted batches)."""
+    if not texts:
+        return Cached(torch.zeros(0, model.config.hidden_size), torch.zeros(1, dtype=torch.long),
+                      torch.tensor(labels, dtype=torch.long))
     enc = tok(texts, truncation=True, max_length=MAX_LEN)
     ids = enc["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -136,8 +139,8 @@ def encode_lower(tok, model, texts: list[str], labels: list[int], top: int, batc
     return Cached(torch.cat(pieces), offsets, torch.tensor(labels))
 
 
-def load_cached(tok, model, top: int, n_train: int, n_val: int, n_test: int,
-                cache_dir: Path) -> tuple[list[str], Cached, Cached, Cached]:
+def load_cached(tok, model, top: int, n_train: int, n_test: int, cache_dir: Path,
+                n_val: int = 0) -> tuple[list[str], Cached, Cached, Cached]:
     """Class names and the cached train / validation / test sets, reused from ``cache_dir``.
 
     Train is the first ``n_train`` glosses of the train split, validation the last ``n_val`` of the
@@ -148,7 +151,7 @@ def load_cached(tok, model, top: int, n_train: int, n_val: int, n_test: int,
     pool = splits["train"]
     if n_train + n_val > len(pool):
         raise ValueError(f"finetune: n_train + n_val = {n_train + n_val} exceeds the {len(pool)} train glosses")
-    train, val, test = pool[:n_train], pool[len(pool) - n_val:], splits["test"][:n_test]
+    train, val, test = pool[:n_train], pool[len(pool) - n_val:] if n_val else [], splits["test"][:n_test]
     digest = hashlib.sha256(WORDNET.read_bytes()).hexdigest()[:10]
     path = Path(cache_dir) / (f"minilm_top{top}_train{len(train)}_val{len(val)}_test{len(test)}"
                               f"_len{MAX_LEN}_{digest}.pt")
@@ -496,8 +499,8 @@ def run(quick: bool = False, out: Path = Path("results/finetune"), setting: Sett
         torch.set_num_threads(threads)
     out = Path(out)
     tok, model = load_model()
-    classes, *data = load_cached(tok, model, setting.top, setting.n_train, setting.n_val, setting.n_test,
-                                 out.parent / "cache")
+    classes, *data = load_cached(tok, model, setting.top, setting.n_train, setting.n_test, out.parent / "cache",
+                                 n_val=setting.n_val)
     sizes = tuple(len(d) for d in data)
     if not resume:
         for name, r, lr, _ in _selection_jobs(setting):

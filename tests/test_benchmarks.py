@@ -168,7 +168,7 @@ def _fake_finetune(monkeypatch, finetune, val_best=1e-3, test_best=1e-2, diverge
                 "curve": [(1, float(r), float(r), 1.0)]}
 
     monkeypatch.setattr(finetune, "load_model", lambda: (None, None))
-    monkeypatch.setattr(finetune, "load_cached", lambda *a: (["x", "y"], [0] * 4, [0] * 3, [0] * 2))
+    monkeypatch.setattr(finetune, "load_cached", lambda *a, **k: (["x", "y"], [0] * 4, [0] * 3, [0] * 2))
     monkeypatch.setattr(finetune, "train_one", fake_train)
     return trained
 
@@ -212,14 +212,14 @@ def test_finetune_validation_split_is_disjoint_from_train_and_test(monkeypatch, 
         return finetune.Cached(torch.zeros(len(texts), 1), torch.arange(len(texts) + 1), torch.tensor(labels))
 
     monkeypatch.setattr(finetune, "encode_lower", fake_encode)
-    _, train, val, test = finetune.load_cached(None, None, 2, 100, 40, 30, tmp_path)
+    _, train, val, test = finetune.load_cached(None, None, 2, 100, 30, tmp_path, n_val=40)
     assert (len(train), len(val), len(test)) == (100, 40, 30)
     tr, va, te = (set(t) for t in seen["sets"])
     assert not tr & va and not va & te and not tr & te
     _, splits = load_wordnet()
     assert va <= {t for t, _ in splits["train"]}  # carved from the train split, never the test split
     with pytest.raises(ValueError, match="exceeds"):
-        finetune.load_cached(None, None, 2, 9_500, 1_000, 30, tmp_path)
+        finetune.load_cached(None, None, 2, 9_500, 30, tmp_path, n_val=1_000)
 
 
 def test_finetune_shards_share_one_grid_and_resume_skips_finished_runs(tmp_path, monkeypatch):
