@@ -10,7 +10,9 @@ space at X_old and retracted, and tangent-like state (``exp_avg``, ``momentum_bu
 (G·XᵀX − X·GᵀX) + λX(XᵀX − I) (``field="polar"``, PoLAR's λ); the optimizer then steps as usual.
 
 Both return the same optimizer, with ``optimizer.stiefel_handle`` set: ``.remove()`` undoes the
-wrapping. ``copy.deepcopy`` of a wrapped optimizer gives a wrapped copy. Stiefel parameters are
+wrapping. ``optimizer.project_()`` lands exactly (e.g. after the last step): each Stiefel matrix becomes
+its polar factor and its tangent-like state is projected onto the new tangent space, as the
+package's optimizers' :meth:`~stiefel_opt.optim._base.StiefelOptimizer.project_`. ``copy.deepcopy`` of a wrapped optimizer gives a wrapped copy. Stiefel parameters are
 found as in the package's optimizers (group ``"manifold"``, else the parameter's own manifold).
 A matrix with a non-finite gradient keeps its value (its gradient is zeroed for the inner step;
 a RuntimeWarning is issued); the inner optimizer's state for it still decays. A Stiefel parameter
@@ -41,6 +43,7 @@ from .. import functional as F
 from ..manifolds import Stiefel, as_stiefel
 from ._base import (StiefelOptimizer, _manifold_spec, nonfinite_matrices, param_manifold, stack_matrices,
                     unstack_into)
+from ._project import project_stiefel_
 
 __all__ = ["riemannian", "landing", "TANGENT_STATE_KEYS", "FIELDS"]
 
@@ -324,17 +327,20 @@ class StiefelHandle:
                 group["manifold"] = _manifold_spec(group["manifold"])
         opt.__dict__.pop("stiefel_handle", None)
         opt.__dict__.pop("__deepcopy__", None)
+        opt.__dict__.pop("project_", None)
 
 
 def _deepcopy_wrapped(optimizer, memo):
     wrap = optimizer.stiefel_handle.wrap
     hook = optimizer.__dict__.pop("__deepcopy__")
     handle = optimizer.__dict__.pop("stiefel_handle")
+    project = optimizer.__dict__.pop("project_")
     try:
         new = copy.deepcopy(optimizer, memo)
     finally:
         optimizer.__deepcopy__ = hook
         optimizer.stiefel_handle = handle
+        optimizer.project_ = project
     return _attach(new, wrap.fresh())
 
 
@@ -357,7 +363,22 @@ def _attach(optimizer, wrap: _Wrap):
                     optimizer.register_load_state_dict_pre_hook(wrap.load_pre)]
     optimizer.stiefel_handle = StiefelHandle(optimizer, wrap)
     optimizer.__deepcopy__ = functools.partial(_deepcopy_wrapped, optimizer)
+    optimizer.project_ = functools.partial(_project_wrapped, optimizer)
     return optimizer
+
+
+def _project_wrapped(optimizer) -> float:
+    """``optimizer.project_()`` of a wrapped optimizer: every Stiefel matrix becomes its polar factor
+    (:func:`~stiefel_opt.functional.project`, computed in float64) and the state entries of the
+    parameter's shape named by ``tangent_state`` (:func:`riemannian`; :data:`TANGENT_STATE_KEYS` for
+    :func:`landing`) are projected onto the tangent space there. Rank-deficient matrices raise
+    ``ValueError`` naming the parameter, before anything is written. Returns the largest
+    ‖XᵀX − I‖_F before the projection."""
+    wrap = optimizer.stiefel_handle.wrap
+    for gi, group in enumerate(optimizer.param_groups):
+        _group_manifold(group, f"{wrap.kind}(): param group {gi}")
+    keys = wrap.tangent_keys if wrap.kind == "riemannian" else TANGENT_STATE_KEYS
+    return project_stiefel_(optimizer, param_manifold, keys)
 
 
 def _check_max_grad_norm(kind: str, max_grad_norm) -> None:
