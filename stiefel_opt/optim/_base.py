@@ -584,6 +584,18 @@ class StiefelOptimizer:
     def _scalar_keys(self, group: dict) -> tuple[str, ...]:
         return self._SCALAR_KEYS if group.get("second_moment") == "scalar" else ()
 
+    # --- landing exactly ------------------------------------------------------------------------
+    def project_(self) -> float:
+        """Land exactly (e.g. once, after the last step): every Stiefel matrix — group-declared or
+        carried by the parameter, batched, the fp32 master of a bf16/fp16 parameter (the parameter then
+        set from it) — becomes its nearest orthonormal matrix, the polar factor Y
+        (:func:`~stiefel_opt.functional.project`), and ``exp_avg``/``momentum_buffer`` become
+        P_Y(M) (:func:`~stiefel_opt.functional.proj_tangent`), so training can go on from there. All
+        matrices are computed before any is written; a rank-deficient one raises ``ValueError`` naming
+        its parameter. Returns the largest ‖XᵀX − I‖_F before the projection (0.0 if none), to log."""
+        from ._project import project_stiefel_
+        return project_stiefel_(self, self._manifold_of, ("exp_avg", "momentum_buffer"))
+
     # --- state dict -----------------------------------------------------------------------------
     def state_dict(self):
         """torch's state dict, with a group's ``Stiefel`` stored as a plain dict (weights_only-safe);
