@@ -37,6 +37,7 @@ class _Stabilize:
                     raise ValueError(f"{where}: stabilize cannot project the sharded (DTensor) parameter {i}")
 
     def step(self, closure=None):
+        """The optimizer's step, then the projections ``stabilize`` asks for (when due)."""
         loss = super().step(closure)
         for group in self.param_groups:
             if group["stabilize"] is not None and self._stabilize_due(group):
