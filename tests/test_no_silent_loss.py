@@ -344,3 +344,10 @@ def test_resized_parameter_does_not_reuse_reshaped_moments(cls):
     w.grad = torch.randn_like(w)
     with pytest.raises(ValueError, match="resized"):
         opt.step()
+
+
+@pytest.mark.parametrize("lam", [math.inf, 1e30, math.nan, 0.0])
+def test_landing_wrapper_rejects_bad_lam_like_the_optimizers(lam):
+    w, _ = _problem()
+    with pytest.raises(ValueError, match="lam"):
+        so.landing(torch.optim.AdamW([{"params": [w], "manifold": "stiefel", "weight_decay": 0.0}]), lam=lam)

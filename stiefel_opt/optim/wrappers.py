@@ -44,6 +44,7 @@ from ..manifolds import Stiefel, as_stiefel
 from ._base import (StiefelOptimizer, _manifold_spec, nonfinite_matrices, param_manifold, stack_matrices,
                     unstack_into)
 from ._project import project_stiefel_
+from .landing import MAX_LAM
 
 __all__ = ["riemannian", "landing", "TANGENT_STATE_KEYS", "FIELDS"]
 
@@ -430,8 +431,8 @@ def landing(optimizer, lam: float = 1.0, clip: float | None = None, safe_eps: fl
     (default) leaves the step as the optimizer made it. A Stiefel group with ``weight_decay`` > 0 is
     refused unless ``allow_weight_decay=True``. Returns the same optimizer.
     """
-    if not 0 < lam < math.inf:
-        raise ValueError(f"landing(): lam must be > 0 and finite, got {lam}")
+    if not 0 < lam <= MAX_LAM:
+        raise ValueError(f"landing(): lam must lie in (0, {MAX_LAM:g}], got {lam}")
     if field not in FIELDS:
         raise ValueError(f"landing(): field must be one of {FIELDS}, got {field!r}")
     if clip is not None and not clip > 0:
