@@ -270,3 +270,32 @@ def test_finetune_a_seed_job_waits_for_a_selection_run_another_process_holds(tmp
     # the held run was waited for, not retrained; its higher validation accuracy selected 1e-2
     assert ("LoRA (AdamW)", 8, 1e-2, 0) not in trained
     assert out["rows"][0]["lr"] == 1e-2 and ("LoRA (AdamW)", 8, 1e-2, 1) in trained
+
+
+def test_constrain_tiny_grid_reports_every_method_and_the_closed_form_optimum(tmp_path, monkeypatch):
+    pytest.importorskip("geotorch")
+    from benchmarks import constrain
+
+    task = constrain.Brockett(12, 3, 2)
+    model = task.model()
+    with torch.no_grad():  # the closed-form optimum: W = the top eigenvectors, in the weights' order
+        for lin, a in zip(model, task.a):
+            lin.weight.copy_(torch.linalg.eigh(a.double())[1][:, -3:].flip(-1).float())
+    assert abs(task.gap(model)) < 1e-6 and float(task.loss(model).detach()) == pytest.approx(task.optimum, rel=1e-5)
+    assert task.gap(task.model()) > 1e-2
+
+    monkeypatch.setattr(constrain, "QUICK_SHAPES", ((12, 3, 2), (6, 6, 1)))
+    monkeypatch.setattr(constrain, "QUICK_RNN", {"hidden": 8, "symbols": 3, "remember": 2, "delay": 2, "batch": 4})
+    data = constrain.run(quick=True, out=tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"constrain.json", "constrain.md", "constrain_ms.png"}
+    assert len(list(tmp_path.glob("constrain_*.png"))) == 4  # one convergence plot per task, and the ms bars
+    rows = json.loads((tmp_path / "constrain.json").read_text())["rows"]
+    assert len(rows) == 3 * len(constrain.METHODS) and rows == data["rows"]
+    for row in rows:
+        assert row["ms/step"] > 0 and row["÷ fastest"] >= 1.0
+        assert row["peak MiB"] is None or row["peak MiB"] > 0
+        if row["method"] == "LandingAdam":
+            assert row["after project_()"] < 1e-6  # project_() lands exactly
+        else:
+            assert row["after project_()"] is None and row["final ‖WᵀW − I‖_F"] < 1e-4
+    assert "torch orthogonal" in (tmp_path / "constrain.md").read_text()
