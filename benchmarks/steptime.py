@@ -9,10 +9,12 @@ for ``compile=True``, are warm-up). Reported: ms per step,
 ratio to torch Adam, speed-up over geoopt, optimizer-state bytes, and the peak memory of a step
 (CUDA only: on CPU torch has no allocator statistics, so the column reads "n/a (CPU)").
 
-Scaling: ``COUNT`` matrices of n × p, over n at fixed p (``SCALE_N``) and over p at fixed n
-(``SCALE_P``), for torch Adam(foreach), LandingAdam, RiemannianAdam, geoopt's RiemannianAdam and
-LandingAdam's matrix products alone. At each point they step in turn, round-robin, so that drift of the machine hits
-them alike; plotted as ms per step against n and against p (log-log).
+Scaling: ``COUNT`` matrices of n × p, over n at fixed p (``SCALE_N``), over p at fixed n (``SCALE_P``,
+n = 4096, and ``SCALE_P_TO_N``, p from 4 to n = 512) and over square n = p (``SCALE_SQUARE``), for
+torch Adam(foreach), LandingAdam, RiemannianAdam, geoopt's RiemannianAdam and LandingAdam's matrix
+products alone (the association the step takes at that shape,
+:func:`stiefel_opt.functional.landing_association`). At each point they step in turn, round-robin,
+so that drift of the machine hits them alike; plotted as ms per step against n, p and n = p (log-log).
 
 ``python -m benchmarks steptime [--quick] [--out results]``
 """
@@ -33,9 +35,13 @@ MIXES = [(16, 4096, 32), (64, 1024, 16), (32, 768, 8)]
 COUNT = 4  # matrices per scaling point
 SCALE_N = {"p": 16, "n": (256, 512, 1024, 2048, 4096, 8192, 16384)}
 SCALE_P = {"n": 4096, "p": (4, 8, 16, 32, 64, 128, 256)}
+SCALE_P_TO_N = {"n": 512, "p": (4, 8, 16, 32, 64, 128, 256, 512)}
+SCALE_SQUARE = {"n=p": (32, 64, 128, 256, 512)}
 QUICK_SCALE_N = {"p": 16, "n": (256, 2048, 16384)}
 QUICK_SCALE_P = {"n": 4096, "p": (4, 32, 256)}
-FLOOR = "LandingAdam's 6 matrix products alone"
+QUICK_SCALE_P_TO_N = {"n": 512, "p": (4, 64, 512)}
+QUICK_SCALE_SQUARE = {"n=p": (64, 256, 512)}
+FLOOR = "LandingAdam's matrix products alone"
 SCALING = ("torch Adam (foreach, unconstrained)", "LandingAdam", "RiemannianAdam", "geoopt RiemannianAdam", FLOOR)
 
 
@@ -55,22 +61,47 @@ def _optimizers():
 
 
 class _ProductFloor:
-    """The six n-sized matrix products of a LandingAdam step on the stacked matrices and nothing else
-    (Xᵀ[X G], [G X]·C, UᵀX, UᵀU, X·K_X, U·K_U: 16np² flops a matrix): what any implementation of
-    that algebra pays on this machine before its element-wise work."""
+    """The n-sized matrix products of a LandingAdam step on the stacked matrices and nothing else:
+    what any implementation of that association pays on this machine before its element-wise work.
+
+    The association is the one the installed package takes at this shape
+    (``functional.landing_association``; a package without it has the thin one of six products,
+    Xᵀ[X G], [G X]·C, UᵀX, UᵀU, X·K_X, U·K_U: 16np² flops a matrix):
+    ``thin``: XᵀX, GᵀX, G·C, X·C, DᵀX, D·C, X·C (14np²); ``square`` (n = p): XXᵀ, GXᵀ, W·X, DXᵀ,
+    B·X (10n³); ``mid``: XᵀX, GXᵀ, W·X, DXᵀ, B·X, X·C (8n²p + 4np²)."""
 
     def __init__(self, count: int, n: int, p: int, device):
         gen = torch.Generator().manual_seed(0)
         self.x = F.random_point(count, n, p, generator=gen).to(device)
-        self.xg = torch.cat([self.x, torch.randn(count, n, p, generator=gen).to(device)], -1)
+        self.g = torch.randn(count, n, p, generator=gen).to(device)
+        self.xg = torch.cat([self.x, self.g], -1)
         self.coef = torch.randn(count, 2 * p, p, generator=gen).to(device)
+        assoc = getattr(F, "landing_association", None)
+        self.route = "six" if assoc is None else assoc(n, p)
         self.state: dict = {}
 
     def step(self) -> None:
-        s = F.gram(self.x, self.xg)
-        u = self.xg @ self.coef
-        k = F.gram(u, self.x) + F.gram(u, u)
-        (self.x @ k).add_(u @ s[..., : self.x.shape[-1]])
+        x, g, c = self.x, self.g, self.coef[..., : self.x.shape[-1], :]
+        if self.route == "six":
+            s = F.gram(x, self.xg)
+            u = self.xg @ self.coef
+            k = F.gram(u, x) + F.gram(u, u)
+            (x @ k).add_(u @ s[..., : x.shape[-1]])
+        elif self.route == "thin":
+            xtx, gtx = F.gram(x, x), F.gram(g, x)
+            t = (g @ xtx).baddbmm_(x, gtx)
+            dtx = F.gram(t, x)
+            (t @ c).baddbmm_(x, dtx)
+        elif self.route == "square":
+            e = x @ x.mT
+            w = g @ x.mT
+            t = w @ x
+            b = t @ x.mT
+            (b + e) @ x
+        else:
+            xtx = F.gram(x, x)
+            t = (g @ x.mT) @ x
+            ((t @ x.mT) @ x).baddbmm_(x, xtx)
 
 
 def _params(count, n, p, kind, device):
@@ -151,11 +182,14 @@ def run(quick: bool = False, out: Path = Path("results/steptime")) -> dict:
     header = device_header(device)
     over_n = scaling("n", QUICK_SCALE_N if quick else SCALE_N, device, warmup, repeats)
     over_p = scaling("p", QUICK_SCALE_P if quick else SCALE_P, device, warmup, repeats)
+    over_pn = scaling("p", QUICK_SCALE_P_TO_N if quick else SCALE_P_TO_N, device, warmup, repeats)
+    over_sq = scaling("n=p", QUICK_SCALE_SQUARE if quick else SCALE_SQUARE, device, warmup, repeats)
     data = {"device": header, "quick": quick, "warmup": warmup, "repeats": repeats, "results": results,
-            "scaling_n": over_n, "scaling_p": over_p}
+            "scaling_n": over_n, "scaling_p": over_p, "scaling_p_to_n": over_pn, "scaling_square": over_sq}
     write_json(out / "steptime.json", data)
     table = markdown_table(rows)
     scale_n, scale_p = scaling_table(over_n), scaling_table(over_p)
+    scale_pn, scale_sq = scaling_table(over_pn), scaling_table(over_sq)
     write_markdown(out / "steptime.md", "Optimizer step time", [
         "Median ms per `step()` with fixed gradients; ratios measured side by side in one process. "
         "`÷ torch Adam`: this step / torch Adam(foreach) on unconstrained parameters of the same shapes. "
@@ -166,18 +200,29 @@ def run(quick: bool = False, out: Path = Path("results/steptime")) -> dict:
         scale_n,
         f"## Scaling over p ({COUNT} matrices {over_p['fixed']['n']} × p)",
         scale_p,
+        f"## Scaling over p up to n ({COUNT} matrices {over_pn['fixed']['n']} × p)",
+        scale_pn,
+        f"## Square matrices ({COUNT} matrices n × n)",
+        scale_sq,
+        "## geoopt RiemannianAdam ÷ this, every scaling point",
+        "Speed-up over geoopt's RiemannianAdam measured side by side at each point of the tables above "
+        "(> 1: faster than geoopt); `÷ floor`: LandingAdam ÷ its matrix products alone.",
+        geoopt_table([over_n, over_p, over_pn, over_sq]),
     ], device=device.type)
     _plot(results, out / "steptime.png", header)
-    for over in (over_n, over_p):
+    for over, stem in ((over_n, "n"), (over_p, "p"), (over_pn, "p_to_n"), (over_sq, "square")):
         x = over["axis"]
-        fixed = ", ".join(f"{k} = {v}" for k, v in over["fixed"].items())
-        plot_lines(out / f"steptime_scaling_{x}.png",
+        fixed = ", ".join(f"{k} = {v}" for k, v in over["fixed"].items()) or "n = p"
+        plot_lines(out / f"steptime_scaling_{stem}.png",
                    {name: (over["values"], ms) for name, ms in over["ms"].items()},
                    f"{COUNT} matrices, {fixed}; {device.type}, {torch.get_num_threads()} thread(s)", x, "ms per step", logx=True, logy=True)
     print(header)
     print(table)
     print(scale_n)
     print(scale_p)
+    print(scale_pn)
+    print(scale_sq)
+    print(geoopt_table([over_n, over_p, over_pn, over_sq]))
     return data
 
 
@@ -186,7 +231,7 @@ def scaling(axis: str, grid: dict, device, warmup: int, repeats: int, names=SCAL
     fixed = {k: v for k, v in grid.items() if k != axis}
     ms = {name: [] for name in names}
     for v in progress(grid[axis], desc=f"steptime scaling over {axis}"):
-        shape = {**fixed, axis: v}
+        shape = {**fixed, **{k: v for k in axis.split("=")}}  # axis "n=p": square
         opts = {name: _make(name, count, shape["n"], shape["p"], device) for name in names}
         for res_name, t in _time_round_robin(opts, device, warmup, repeats).items():
             ms[res_name].append(t)
@@ -221,6 +266,22 @@ def scaling_table(over: dict) -> str:
             t = over["ms"][name][i]
             row[name] = f"{t:.3g}" if name == names[0] else f"{t:.3g} ({t / base[i]:.1f}×)"
         rows.append(row)
+    return markdown_table(rows)
+
+
+def geoopt_table(overs: list[dict]) -> str:
+    """One row per scaling point (n × p): geoopt RiemannianAdam ÷ RiemannianAdam, ÷ LandingAdam, and
+    LandingAdam ÷ its matrix products alone."""
+    rows = []
+    for over in overs:
+        for i, v in enumerate(over["values"]):
+            shape = {**over["fixed"], **{k: v for k in over["axis"].split("=")}}
+            ms = {name: t[i] for name, t in over["ms"].items()}
+            geo = ms["geoopt RiemannianAdam"]
+            rows.append({"n × p": f"{shape['n']} × {shape['p']}",
+                         "RiemannianAdam": f"{geo / ms['RiemannianAdam']:.2f}",
+                         "LandingAdam": f"{geo / ms['LandingAdam']:.2f}",
+                         "LandingAdam ÷ floor": f"{ms['LandingAdam'] / ms[FLOOR]:.2f}"})
     return markdown_table(rows)
 
 

@@ -240,13 +240,13 @@ def distance(x: Tensor) -> Tensor:
 @_tall(2)
 def proj_tangent(x: Tensor, u: Tensor) -> Tensor:
     """Euclidean-metric tangent projection P_X(U) = U − X sym(XᵀU)."""
-    return u - x @ sym(gram(x, u))
+    return _bmm_add(u, x, sym(gram(x, u)), alpha=-1.0)
 
 
 @_tall(2)
 def canonical_rgrad(x: Tensor, g: Tensor) -> Tensor:
     """Canonical-metric Riemannian gradient G − X GᵀX."""
-    return g - x @ gram(g, x)
+    return _bmm_add(g, x, gram(g, x), alpha=-1.0)
 
 
 def egrad2rgrad(x: Tensor, g: Tensor, metric: str = "euclidean") -> Tensor:
@@ -287,14 +287,95 @@ def _inv_sqrt_psd(s: Tensor) -> Tensor:
     return (q * w.clamp_min(torch.finfo(w.dtype).tiny).rsqrt().unsqueeze(-2)) @ q.transpose(-1, -2)
 
 
-def _polar_via_gram(y: Tensor, s: Tensor | None = None) -> Tensor:
-    """Polar factor Y (YᵀY)^(−1/2) of a full-rank tall Y, through a p×p eigh, refined once.
+#: Largest degree of the binomial series of (I + A)^(−1/2) :func:`_inv_sqrt_near_identity` evaluates
+#: (degree m costs m − 1 products of p×p matrices); beyond it the p×p ``eigh`` is used.
+SERIES_MAX_DEGREE = 12
 
-    The refinement is one Newton–Schulz step, which squares the residual ‖YᵀY − I‖ left by
-    the fp32 eigh of the Gram matrix. ``s``: the Gram YᵀY when the caller has it.
+
+@functools.lru_cache(maxsize=None)
+def _binomial_inv_sqrt(m: int) -> tuple[float, ...]:
+    """c_0 … c_m of (1 + a)^(−1/2) = Σ c_k a^k: c_0 = 1, c_k = −c_(k−1)(2k − 1)/(2k) (|c_k| decreasing)."""
+    c = [1.0]
+    for k in range(1, m + 1):
+        c.append(-c[-1] * (2 * k - 1) / (2 * k))
+    return tuple(c)
+
+
+def series_degree(delta: float, dtype: torch.dtype) -> int | None:
+    """Smallest degree m whose truncation bound |c_(m+1)| δ^(m+1) / (1 − δ) is at most ε_mach/4 of
+    ``dtype`` (the tail of an alternating series with decreasing |c_k|, for ‖A‖₂ ≤ δ < 1), or None
+    when that takes a degree above :data:`SERIES_MAX_DEGREE` (or δ is not finite)."""
+    if not 0.0 <= delta < 0.5:  # False for NaN
+        return None
+    tol = 0.25 * torch.finfo(dtype).eps
+    c = _binomial_inv_sqrt(SERIES_MAX_DEGREE + 1)
+    power = 1.0 / (1.0 - delta)
+    for m in range(SERIES_MAX_DEGREE + 1):
+        power *= delta  # δ^(m+1)/(1 − δ)
+        if abs(c[m + 1]) * power <= tol:
+            return m
+    return None
+
+
+def _inv_sqrt_near_identity(s: Tensor) -> Tensor | None:
+    """S^(−1/2) of a batch of symmetric p×p matrices near a multiple of I, by matmuls only; None
+    when it cannot be certified (then the caller takes the ``eigh`` route).
+
+    With c = tr(S)/p and A = S/c − I (per matrix), S^(−1/2) = c^(−1/2) Σ_k c_k A^k, the binomial
+    series truncated at the degree m of :func:`series_degree` for δ, the largest over the batch of
+    min(‖A‖_F, ‖A‖_∞, ‖A²‖_F^½) ≥ ‖A‖₂ (A symmetric): every eigenvalue of the result is then within
+    ε_mach/4 (relative) of the exact one. Summed as Σ_j (c_2j I + c_2j+1 A)(A²)^j (Horner in A²):
+    ⌈(m+1)/2⌉ products of p×p matrices, A² included. One or two host syncs (the degree); under
+    torch.compile, None (no data-dependent branch).
     """
-    q = y @ _inv_sqrt_psd(gram(y, y) if s is None else s)
-    return _newton_schulz_step(q)
+    if torch.compiler.is_compiling() or s.numel() == 0:
+        return None
+    c = torch.diagonal(s, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    a = s / c
+    a.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    delta = torch.minimum(torch.linalg.matrix_norm(a), a.abs().sum(-1).amax(-1))
+    delta = torch.where((c > 0).reshape(delta.shape), delta, torch.inf)  # also NaN
+    m = series_degree(float(delta.max()), s.dtype)
+    a2 = None
+    if m is None or m >= 2:
+        a2 = a @ a
+        delta = torch.minimum(delta, torch.linalg.matrix_norm(a2).sqrt())
+        m = series_degree(float(delta.max()), s.dtype)
+        if m is None:
+            return None
+    coef = _binomial_inv_sqrt(m)
+
+    def pair(j):  # c_2j I + c_2j+1 A
+        out = coef[2 * j + 1] * a if 2 * j + 1 <= m else torch.zeros_like(a)
+        out.diagonal(dim1=-2, dim2=-1).add_(coef[2 * j])
+        return out
+
+    j = m // 2
+    k = pair(j)
+    for j in range(j - 1, -1, -1):
+        k = a2 @ k
+        k += pair(j)
+    return k.mul_(c.rsqrt())
+
+
+def _polar_via_gram(y: Tensor, s: Tensor | None = None) -> Tensor:
+    """Polar factor Y (YᵀY)^(−1/2) of a full-rank tall Y. ``s``: the Gram YᵀY when the caller has it.
+
+    Near the manifold (the retraction of a tangent step: YᵀY = I + VᵀV), Y·K with K the certified
+    matmul-only series of :func:`_inv_sqrt_near_identity`: two n×p products in all (Gram and Y·K).
+    Otherwise through a p×p eigh, refined by one Newton–Schulz step, which squares the residual
+    ‖YᵀY − I‖ left by the fp32 eigh of the Gram matrix (:func:`_polar_via_eigh`).
+    """
+    s = gram(y, y) if s is None else s
+    k = _inv_sqrt_near_identity(s)
+    if k is None:
+        return _polar_via_eigh(y, s)
+    return y @ k
+
+
+def _polar_via_eigh(y: Tensor, s: Tensor) -> Tensor:
+    """Y S^(−1/2) by a p×p eigh of the Gram S = YᵀY, then one Newton–Schulz step on the n×p result."""
+    return _newton_schulz_step(y @ _inv_sqrt_psd(s))
 
 
 def _newton_schulz_step(y: Tensor) -> Tensor:
@@ -311,7 +392,7 @@ def _feasibility_tolerance(p: int, dtype: torch.dtype) -> float:
 
 
 def _reorthonormalize_far(y: Tensor) -> Tensor:
-    """Per matrix of a tall batch: Y ← Y(YᵀY)^(−1/2) (:func:`_polar_via_gram`) when
+    """Per matrix of a tall batch: Y ← Y(YᵀY)^(−1/2) (:func:`_polar_via_eigh`) when
     d = ‖YᵀY − I‖_F > τ (:func:`_feasibility_tolerance`); Y unchanged when d ≤ τ or Y is not finite.
 
     The retractions that are not exact by construction (cayley, exp, newton_schulz) end with it:
@@ -322,7 +403,7 @@ def _reorthonormalize_far(y: Tensor) -> Tensor:
     eye = _eye_like(s)
     d = torch.linalg.matrix_norm(s - eye)
     far = ((d > _feasibility_tolerance(y.shape[-1], y.dtype)) & torch.isfinite(d))[..., None, None]
-    return torch.where(far, _polar_via_gram(y, torch.where(far, s, eye)), y)
+    return torch.where(far, _polar_via_eigh(y, torch.where(far, s, eye)), y)
 
 
 @_tall(2)
@@ -483,19 +564,50 @@ def project(x: Tensor, rtol: float | None = None) -> Tensor:
 def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
     """Landing field Λ(X) = ½(G·XᵀX − X·GᵀX) + λ X(XᵀX − I)  (Ablin et al.; = skew(GXᵀ)X + λ∇N).
 
-    One Gram product Xᵀ[X G] gives XᵀX and XᵀG (p×p); Λ = [X G]·C with the 2p×p matrix
-    C = [λ(XᵀX − I) − ½GᵀX ; ½XᵀX] (:func:`landing_coefficients`). G Xᵀ (n×n) is never formed.
+    Thin X: the p×p Grams XᵀX, GᵀX and Λ = G·C_G + X·C_X (:func:`landing_coefficients`); G Xᵀ (n×n)
+    is never formed. Nearly square X (:func:`landing_association`): skew(G Xᵀ)X, cheaper there.
     """
-    return _field_and_gram(x, g, lam)[0]
+    t, xtx = _tangent_term(x, g)
+    if lam == 0:
+        return t
+    xtx = gram(x, x) if xtx is None else xtx
+    return _bmm_add(t, x, lam * (xtx - _eye_like(xtx)))
 
 
-def _field_and_gram(x: Tensor, g: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-    """(Λ, XᵀX) for the tall landing field of :func:`landing_field` (λ = 0: the tangent term T)."""
-    p = x.shape[-1]
-    xg = torch.cat([x, g], dim=-1)
-    s = gram(x, xg)
-    c_g, c_x = landing_coefficients(s[..., :p], s[..., p:].transpose(-1, -2), lam)
-    return xg @ torch.cat([c_x, c_g], dim=-2), s[..., :p]
+def landing_association(n: int, p: int) -> str:
+    """How the landing steps associate their products for a tall n×p X (n ≥ p), by flop count:
+
+    - ``"thin"``: p×p Grams only (XᵀX, GᵀX, DᵀX) and n×p-by-p×p products, 7np² multiply-adds a
+      landing Adam step (:func:`_land_thin`);
+    - ``"square"`` (n = p): n×n products, Λ = (skew(DXᵀ) + λ(XXᵀ − I))X, 5n³
+      (‖XXᵀ − I‖_F = ‖XᵀX − I‖_F for square X);
+    - ``"mid"`` (p < n < 5p/4): skew(GXᵀ)X and skew(DXᵀ)X with XᵀX for the distance and the
+      normal term, 4n²p + 2np² < 7np².
+    Inside a row-sharded reduction always ``"thin"`` (an n×n product would need every shard's rows).
+    """
+    if _row_reduce() is not None or 4 * n >= 5 * p:
+        return "thin"
+    return "square" if n == p else "mid"
+
+
+def _tangent_term(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(T, XᵀX or None) for T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ)X of a tall X, associated as
+    :func:`landing_association` says (XᵀX is computed on the thin route only)."""
+    if landing_association(*x.shape[-2:]) == "thin":
+        xtx = gram(x, x)
+        return _mm_add_(g @ (0.5 * xtx), x, gram(g, x), alpha=-0.5), xtx
+    return skew(g @ x.transpose(-1, -2)) @ x, None
+
+
+def _mm_add_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """out ← out + alpha·A B in place (one baddbmm_ over flattened batch dims; ``out`` contiguous,
+    freshly computed by the caller), returned."""
+    if out.dim() == 2:
+        return out.addmm_(a, b, alpha=alpha)
+    lead = a.shape[:-2]
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]),
+                                           b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:]), alpha=alpha)
+    return out
 
 
 def safe_step(d: Tensor, a: Tensor, lam: float, eps: float = 0.5) -> Tensor:
@@ -528,10 +640,14 @@ def landing_coefficients(xtx: Tensor, gtx: Tensor, lam: float = 1.0) -> tuple[Te
 def polar_coefficients(gram: Tensor) -> Tensor:
     """p×p K with polar(Y) = Y·K from the Gram S = YᵀY alone (no second pass over Y).
 
-    M = S^(−1/2) by eigh, refined by one Newton–Schulz step written on p×p matrices:
-    K = M (3I − M S M)/2, equal in exact arithmetic to :func:`retract_polar`'s
-    (YM)(3I − (YM)ᵀ(YM))/2. For fused kernels (Gram pass, then apply pass).
+    K = S^(−1/2) by the certified series of :func:`_inv_sqrt_near_identity` when S is near a
+    multiple of I (:func:`retract_polar`'s K); otherwise M = S^(−1/2) by eigh, refined by one
+    Newton–Schulz step written on p×p matrices: K = M (3I − M S M)/2, equal in exact arithmetic to
+    :func:`retract_polar`'s (YM)(3I − (YM)ᵀ(YM))/2. For fused kernels (Gram pass, then apply pass).
     """
+    k = _inv_sqrt_near_identity(gram)
+    if k is not None:
+        return k
     m = _inv_sqrt_psd(gram)
     return m @ (1.5 * _eye_like(gram) - 0.5 * (m @ gram @ m))
 
@@ -774,23 +890,64 @@ def _tall_all(x: Tensor, *others: Tensor | None) -> tuple[bool, list[Tensor | No
     return wide, ([_mT(a) for a in mats] if wide else mats)
 
 
-def _land(x: Tensor, u: Tensor, xtx: Tensor, scale: float, *, lr: float, lam: float,
+def _land(x: Tensor, u: Tensor, xtx: Tensor | None, scale: float, *, lr: float, lam: float,
           safe_eps: float) -> Tensor:
-    """X⁺ = X − ηΛ for Λ = R(sU) + λX(XᵀX − I) = U·(sC_U) + X·C_X (:func:`landing_coefficients`),
-    R(V) = ½(V·XᵀX − X·VᵀX), s = ``scale``; η and X⁺ = X·K_X + U·K_U from the Grams UᵀX, UᵀU
-    (:func:`landing_plan`). O(np²): Λ is never formed. ⟨R(V), X(XᵀX − I)⟩ = 0 for any V, which
-    keeps the safe-step bound valid."""
-    utx = gram(u, x)
-    c_u, c_x = landing_coefficients(xtx, scale * utx, lam)
-    k_x, k_u = landing_plan(xtx, scale * c_u, c_x, gram(u, u), utx.transpose(-1, -2), lr=lr, lam=lam,
-                            safe_eps=safe_eps)
-    return (x @ k_x).add_(u @ k_u)
+    """X⁺ = X − ηΛ for Λ = R(sU) + λX(XᵀX − I), R(V) = ½(V·XᵀX − X·VᵀX) = skew(V Xᵀ)X,
+    s = ``scale``, η = min(lr, η*(d, ‖Λ‖_F)) per matrix (:func:`safe_step`), d = ‖XᵀX − I‖_F.
+    ⟨R(V), X(XᵀX − I)⟩ = 0 for any V, which keeps the safe-step bound valid. ``xtx``: XᵀX from
+    :func:`_tangent_term` (None on the n×n routes). Associated as :func:`landing_association` says."""
+    route = landing_association(*x.shape[-2:])
+    eye_p = _eye_like(x)
+    if route == "thin":
+        # Λ = U·(½s XᵀX) + X·(λ(XᵀX − I) − ½s UᵀX) (landing_coefficients): two n×p-by-p×p products
+        c_u, c_x = landing_coefficients(xtx, scale * gram(u, x), lam)
+        gap = xtx - eye_p
+        field = _mm_add_(u @ (scale * c_u), x, c_x)
+    elif route == "square":
+        # X(XᵀX − I) = (XXᵀ − I)X: Λ = (skew(sUXᵀ) + λ(XXᵀ − I))X, one n×n-by-n×n product
+        gap = x @ x.transpose(-1, -2) - eye_p
+        b = u @ x.transpose(-1, -2)
+        b = (b - b.transpose(-1, -2)).mul_(0.5 * scale).add_(gap, alpha=lam)
+        field = b @ x
+    else:  # mid: Λ = skew(sUXᵀ)X + X·λ(XᵀX − I)
+        gap = gram(x, x) - eye_p
+        field = _bmm_add(skew(u @ x.transpose(-1, -2)).mul_(scale) @ x, x, gap, alpha=lam)
+    eta = safe_step(torch.linalg.matrix_norm(gap), _frobenius(field), lam, safe_eps).clamp_max(lr)
+    return torch.addcmul(x, eta[..., None, None], field, value=-1.0)
 
 
 @_tall(2)
 def relative_tangent(x: Tensor, g: Tensor) -> Tensor:
-    """Tangent term of the landing field T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ) X (n×n never formed)."""
-    return _field_and_gram(x, g, 0.0)[0]
+    """Tangent term of the landing field T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ) X (n×n formed only
+    for nearly square X, where it is cheaper: :func:`landing_association`)."""
+    return _tangent_term(x, g)[0]
+
+
+def _retract_step(x: Tensor, d: Tensor, alpha: float, retraction: str, metric: str,
+                  project: bool) -> Tensor:
+    """R_X(α·V) with V = P_X(D) (``project``) or V = D (already tangent); D is left untouched.
+
+    polar: Y = X + αP_X(D) = αD + X(I − α sym(XᵀD)) in one fused product, then the polar factor of Y
+    (:func:`_polar_via_gram`: near the manifold two n×p products and a certified p×p series)."""
+    if retraction == "polar":
+        if project:
+            b = sym(gram(x, d)).mul_(-alpha)
+            b.diagonal(dim1=-2, dim2=-1).add_(1.0)
+            y = _bmm_add(d, x, b, beta=alpha)
+        else:
+            y = torch.add(x, d, alpha=alpha)
+        return _polar_via_gram(y)
+    v = proj_tangent(x, d) if project else d
+    return retract(x, v * alpha, retraction, metric)
+
+
+def _transport_(y: Tensor, m: Tensor) -> None:
+    """M ← P_Y(M) = M − Y sym(YᵀM) in place (vector transport by projection onto the tangent space at Y)."""
+    c = sym(gram(y, m))
+    if m.is_contiguous():
+        _mm_add_(m, y, c, alpha=-1.0)
+    else:
+        m.copy_(_bmm_add(m, y, c, alpha=-1.0))
 
 
 def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, t: Tensor,
@@ -837,9 +994,9 @@ def riemannian_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float
     wide, (x, g, buf_t) = _tall_all(x, g, buf)
     rg = egrad2rgrad(x, g, metric)
     d, buf_t = _momentum(rg, buf_t, momentum, dampening, nesterov)
-    x_new = retract(x, d.mul(-lr), retraction, metric)
+    x_new = _retract_step(x, d, -lr, retraction, metric, project=False)
     if buf_t is not None:
-        buf_t.copy_(proj_tangent(x_new, buf_t))
+        _transport_(x_new, buf_t)
     if wide:
         return _mT(x_new), _mT(buf_t)
     return x_new, buf_t
@@ -858,10 +1015,8 @@ def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Te
     wide, (x, g, exp_avg, exp_avg_sq, max_exp_avg_sq) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq)
     rg = egrad2rgrad(x, g, metric)
     d, scale = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, rg, step, beta1, beta2, eps, scalar_v)
-    if not scalar_v:
-        d = proj_tangent(x, d)
-    x_new = retract(x, d.mul_(-lr * scale), retraction, metric)
-    exp_avg.copy_(proj_tangent(x_new, exp_avg))
+    x_new = _retract_step(x, d, -lr * scale, retraction, metric, project=not scalar_v)
+    _transport_(x_new, exp_avg)
     return _mT(x_new) if wide else x_new
 
 
@@ -874,7 +1029,7 @@ def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, m
     at earlier points, and Λ vanishes at critical points where T = 0); X⁺ = X − ηΛ with the
     per-matrix η = min(lr, η*) of :func:`safe_step`. O(np²): only p×p Grams. Returns (X⁺, buf)."""
     wide, (x, g, buf_t) = _tall_all(x, g, buf)
-    t, xtx = _field_and_gram(x, g, 0.0)
+    t, xtx = _tangent_term(x, g)
     d, buf_t = _momentum(t, buf_t, momentum, dampening, nesterov)
     # Λ = R(G) + R(D − T) + λX(XᵀX − I) = R(G + D − T) + λX(XᵀX − I): R is linear
     u = (d - t).add_(g) if momentum else g
@@ -895,7 +1050,7 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     same relative form, Λ = ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I); X⁺ = X − ηΛ with the per-matrix
     η = min(lr, η*) of :func:`safe_step`. O(np²)."""
     wide, (x, g, exp_avg, exp_avg_sq, max_exp_avg_sq) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq)
-    t, xtx = _field_and_gram(x, g, 0.0)
+    t, xtx = _tangent_term(x, g)
     d, scale = _adam_direction(exp_avg, exp_avg_sq, max_exp_avg_sq, t, step, beta1, beta2, eps, scalar_v)
     x_new = _land(x, d, xtx, scale, lr=lr, lam=lam, safe_eps=safe_eps)
     return _mT(x_new) if wide else x_new
