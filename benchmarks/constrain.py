@@ -69,6 +69,22 @@ def lr_grid(task, quick: bool = False) -> tuple[float, ...]:
     return grid[1:2] if quick else grid
 
 
+def _code_version() -> str:
+    """The commit measured, and the package files that differed from it (a shared working tree)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--short", "--", "stiefel_opt"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    dirty = [line[3:] for line in dirty if line.strip()]
+    return f"commit {head}" + (f", with uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
 
@@ -362,14 +378,14 @@ def run(quick: bool = False, out: Path = Path("results/constrain"), threads: int
                 "after project_()": b["d_after_project"],
                 "peak MiB": res["peak_MiB"][m],
             })
-    data = {"device": header, "quick": quick, "threads": threads, "warmup": warmup, "repeats": repeats,
+    data = {"device": header, "code": _code_version(), "quick": quick, "threads": threads, "warmup": warmup, "repeats": repeats,
             "lrs": list(LRS), "rnn_lrs": list(RNN_LRS), "max_steps": max_steps, "time_cap_s": time_cap, "rnn_steps": rnn_steps,
             "rnn_time_cap_s": rnn_cap, "brockett_target": BROCKETT_TARGET, "rnn_target": RNN_TARGET,
             "wall_s": time.perf_counter() - t_start, "results": results, "rows": rows}
     write_json(out / "constrain.json", data)
     table = markdown_table(rows)
     write_markdown(out / "constrain.md", "Constraining a layer: parametrizations, geoopt and the package", [
-        f"{threads} thread(s). A training step = forward + backward + step; median ms over {repeats} steps, the "
+        f"Code: {data['code']}. {threads} thread(s). A training step = forward + backward + step; median ms over {repeats} steps, the "
         "methods stepping in turn (round-robin) in one process; `÷ fastest`: this / the fastest method on the "
         f"task. Steps to target: relative gap to the closed-form optimum ≤ {BROCKETT_TARGET:g} (Brockett; gap "
         f"measured at the polar factor of each W) or the mean loss of the last 10 batches ≤ {RNN_TARGET:g} × "
