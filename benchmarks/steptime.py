@@ -67,7 +67,8 @@ class _ProductFloor:
     The association is the one the installed package takes at this shape
     (``functional.landing_association``; a package without it has the thin one of six products,
     Xᵀ[X G], [G X]·C, UᵀX, UᵀU, X·K_X, U·K_U: 16np² flops a matrix):
-    ``thin``: XᵀX, GᵀX, G·C, X·C, DᵀX, D·C, X·C (14np²); ``square`` (n = p): XXᵀ, GXᵀ, W·X, DXᵀ,
+    ``small`` (p ≤ 32): the six of the thin one above; ``thin``: XᵀX, GᵀX, G·C, X·C, DᵀX, D·C, X·C
+    (14np²); ``square`` (n = p): XXᵀ, GXᵀ, W·X, DXᵀ,
     B·X (10n³); ``mid``: XᵀX, GXᵀ, W·X, DXᵀ, B·X, X·C (8n²p + 4np²)."""
 
     def __init__(self, count: int, n: int, p: int, device):
@@ -82,7 +83,7 @@ class _ProductFloor:
 
     def step(self) -> None:
         x, g, c = self.x, self.g, self.coef[..., : self.x.shape[-1], :]
-        if self.route == "six":
+        if self.route in ("six", "small"):
             s = F.gram(x, self.xg)
             u = self.xg @ self.coef
             k = F.gram(u, x) + F.gram(u, u)

@@ -574,11 +574,17 @@ def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
     return _bmm_add(t, x, lam * (xtx - _eye_like(xtx)))
 
 
-def landing_association(n: int, p: int) -> str:
-    """How the landing steps associate their products for a tall n×p X (n ≥ p), by flop count:
+#: Largest p for which the thin landing step never forms Λ (``"small"`` in :func:`landing_association`).
+SMALL_P = 32
 
-    - ``"thin"``: p×p Grams only (XᵀX, GᵀX, DᵀX) and n×p-by-p×p products, 7np² multiply-adds a
-      landing Adam step (:func:`_land_thin`);
+
+def landing_association(n: int, p: int) -> str:
+    """How the landing steps associate their products for a tall n×p X (n ≥ p), by cost:
+
+    - ``"small"`` (p ≤ :data:`SMALL_P`): p×p Grams XᵀX, GᵀX, DᵀX, DᵀD and X⁺ = X·K_X + D·K_D
+      (:func:`landing_plan`), Λ never formed: 8np² multiply-adds a landing Adam step, and no pass
+      over Λ, which costs more than its products at small p;
+    - ``"thin"``: XᵀX, GᵀX, DᵀX, Λ = D·C_D + X·C_X formed (‖Λ‖_F and X − ηΛ in two passes): 7np²;
     - ``"square"`` (n = p): n×n products, Λ = (skew(DXᵀ) + λ(XXᵀ − I))X, 5n³
       (‖XXᵀ − I‖_F = ‖XᵀX − I‖_F for square X);
     - ``"mid"`` (p < n < 5p/4): skew(GXᵀ)X and skew(DXᵀ)X with XᵀX for the distance and the
@@ -586,14 +592,21 @@ def landing_association(n: int, p: int) -> str:
     Inside a row-sharded reduction always ``"thin"`` (an n×n product would need every shard's rows).
     """
     if _row_reduce() is not None or 4 * n >= 5 * p:
-        return "thin"
+        return "small" if p <= SMALL_P else "thin"
     return "square" if n == p else "mid"
 
 
 def _tangent_term(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
     """(T, XᵀX or None) for T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ)X of a tall X, associated as
     :func:`landing_association` says (XᵀX is computed on the thin route only)."""
-    if landing_association(*x.shape[-2:]) == "thin":
+    route = landing_association(*x.shape[-2:])
+    if route == "small":  # one Gram Xᵀ[X G] and one product [X G]·C: fewest calls at small p
+        p = x.shape[-1]
+        xg = torch.cat([x, g], dim=-1)
+        s = gram(x, xg)
+        c_g, c_x = landing_coefficients(s[..., :p], s[..., p:].transpose(-1, -2), 0.0)
+        return xg @ torch.cat([c_x, c_g], dim=-2), s[..., :p]
+    if route == "thin":  # no copy of [X G]: two Grams, G·C_G then += X·C_X in place
         xtx = gram(x, x)
         return _mm_add_(g @ (0.5 * xtx), x, gram(g, x), alpha=-0.5), xtx
     return skew(g @ x.transpose(-1, -2)) @ x, None
@@ -695,8 +708,9 @@ def frobenius_from_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb: Te
     against rounding), one value per matrix: the norm of a field such as Λ = D·C_D + X·C_X without
     a pass over it.
     """
-    m = combination_gram(c_a, c_b, aa, ba, bb)
-    return (m * _eye_like(m)).sum((-2, -1)).clamp_min(0.0).sqrt()
+    # tr(MᵀGM') = ⟨M, G·M'⟩: three p×p products instead of combination_gram's six
+    sq = (c_a * (aa @ c_a)).sum((-2, -1)) + 2.0 * (c_b * (ba @ c_a)).sum((-2, -1)) + (c_b * (bb @ c_b)).sum((-2, -1))
+    return sq.clamp_min(0.0).sqrt()
 
 
 def random_point(*shape: int, dtype: torch.dtype | None = None, device=None, generator=None) -> Tensor:
@@ -898,6 +912,12 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor | None, scale: float, *, lr: float, 
     :func:`_tangent_term` (None on the n×n routes). Associated as :func:`landing_association` says."""
     route = landing_association(*x.shape[-2:])
     eye_p = _eye_like(x)
+    if route == "small":  # X⁺ = X·K_X + U·K_U from the Grams UᵀX, UᵀU (landing_plan)
+        utx = gram(u, x)
+        c_u, c_x = landing_coefficients(xtx, scale * utx, lam)
+        k_x, k_u = landing_plan(xtx, scale * c_u, c_x, gram(u, u), utx.transpose(-1, -2), lr=lr, lam=lam,
+                                safe_eps=safe_eps)
+        return (x @ k_x).add_(u @ k_u)
     if route == "thin":
         # Λ = U·(½s XᵀX) + X·(λ(XᵀX − I) − ½s UᵀX) (landing_coefficients): two n×p-by-p×p products
         c_u, c_x = landing_coefficients(xtx, scale * gram(u, x), lam)

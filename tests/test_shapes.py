@@ -101,11 +101,12 @@ def ref_step(name, x, g, m, v, *, lr, retraction="polar", metric="euclidean", mo
 # ------------------------------------------------------------------ shapes
 @st.composite
 def shapes(draw):
-    """(*batch, n, p) of every route: thin (n ≥ 5p/4), mid (p < n < 5p/4), square, and their wide
-    transposes; unbatched or batched."""
+    """(*batch, n, p) of every route: small and thin (n ≥ 5p/4, p ≤ or > SMALL_P), mid
+    (p < n < 5p/4), square, and their wide transposes; unbatched or batched."""
     batch = draw(st.sampled_from([(), (2,), (2, 2)]))
     kind = draw(st.sampled_from(["thin", "mid", "square"]))
-    p = draw(st.integers(1, 12) if kind != "mid" else st.integers(5, 14))
+    small = st.integers(1, 12)
+    p = draw({"mid": st.integers(5, 14), "square": small}.get(kind, st.one_of(small, st.integers(33, 40))))
     if kind == "square":
         n = p
     elif kind == "mid":
@@ -172,15 +173,18 @@ def test_steps_equal_the_previous_formulas(shape, case, dtype, seed, lr):
 
 
 def test_landing_association_by_shape():
-    assert F.landing_association(4096, 16) == "thin"
+    assert F.landing_association(4096, 16) == "small"
+    assert F.landing_association(4096, F.SMALL_P) == "small"
+    assert F.landing_association(4096, F.SMALL_P + 1) == "thin"
     assert F.landing_association(640, 512) == "thin"      # 4n = 5p: equal cost, thin kept
     assert F.landing_association(600, 512) == "mid"
     assert F.landing_association(512, 512) == "square"
     assert F.landing_association(1, 1) == "square"
 
 
-@pytest.mark.parametrize("route,shape", [("thin", (3, 9, 4)), ("mid", (2, 11, 10)), ("square", (2, 7, 7)),
-                                         ("square", (6, 6)), ("thin", (4, 2))])
+@pytest.mark.parametrize("route,shape", [("small", (3, 9, 4)), ("mid", (2, 11, 10)), ("square", (2, 7, 7)),
+                                         ("square", (6, 6)), ("small", (4, 2)), ("thin", (2, 50, 40)),
+                                         ("thin", (40, 90))])
 def test_landing_field_and_relative_tangent_on_every_route(route, shape):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
