@@ -270,8 +270,8 @@ def test_polar_retraction_equals_the_eigh_route(p, extra, batch, size, dtype, se
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 512, 512), (2, 256, 256), (1, 2048, 128), (3, 300, 256)])
 def test_polar_retraction_of_an_adam_sized_step_at_large_p(shape, dtype):
-    """The series route is the one taken for a step of lr 1e-3 (|entries| ≈ 1e-3) and stays equal to
-    the eigh route and within τ at p up to 512."""
+    """The series route (polar) and the CholeskyQR route (qr) are the ones taken for a step of lr 1e-3
+    (|entries| ≈ 1e-3) and stay equal to the eigh / Householder routes and within τ at p up to 512."""
     gen = torch.Generator().manual_seed(0)
     x = F.random_point(shape, dtype=torch.float64, generator=gen).to(dtype)
     v = F.proj_tangent(x, 1e-3 * torch.randn(shape, generator=gen, dtype=torch.float64).sign().to(dtype))
@@ -279,6 +279,10 @@ def test_polar_retraction_of_an_adam_sized_step_at_large_p(shape, dtype):
     assert F._inv_sqrt_near_identity(y.mT @ y) is not None
     got = F.retract_polar(x, v)
     assert float((got - ref_polar(y)).abs().max()) <= TOL[dtype]
+    assert float(F.distance(got).max()) <= 8 * math.sqrt(shape[-1]) * torch.finfo(dtype).eps
+    assert F._qr_near_identity(y) is not None
+    got = F.retract_qr(x, v)
+    assert float((got - F._sign_fixed_qr(y)).abs().max()) <= TOL[dtype]
     assert float(F.distance(got).max()) <= 8 * math.sqrt(shape[-1]) * torch.finfo(dtype).eps
 
 
@@ -291,3 +295,22 @@ def test_polar_falls_back_to_eigh_far_from_the_manifold_and_on_non_finite_input(
     bad[1, 0, 0] = float("nan")
     assert F._inv_sqrt_near_identity(bad) is None
     assert F._inv_sqrt_near_identity(torch.zeros(2, 3, 3)) is None  # c = 0
+
+
+@given(st.integers(1, 24), st.integers(0, 30), st.sampled_from([(), (2,)]), st.floats(1e-4, 2.0),
+       st.sampled_from([torch.float64, torch.float32]), st.integers(0, 2**31 - 1))
+def test_qr_retraction_equals_householder(p, extra, batch, size, dtype, seed):
+    """retract_qr (one CholeskyQR pass near the manifold, Householder otherwise) equals the sign-fixed
+    Householder Q factor to rounding and lands within τ."""
+    n = p + extra
+    gen = torch.Generator().manual_seed(seed)
+    x = F.random_point(*batch, n, p, dtype=torch.float64, generator=gen)
+    v = F.proj_tangent(x, torch.randn(*batch, n, p, generator=gen, dtype=torch.float64))
+    v = size * v / torch.linalg.matrix_norm(v, ord=2)[..., None, None].clamp_min(1e-300)
+    x, v = x.to(dtype), v.to(dtype)
+    got = F.retract_qr(x, v)
+    want = F._sign_fixed_qr(x + v)
+    assert float((got - want).abs().max()) <= TOL[dtype]
+    assert float(F.distance(got).max()) <= 8 * math.sqrt(p) * torch.finfo(dtype).eps
+    if size <= 0.1:  # ‖V‖₂ ≤ 0.1: ‖VᵀV‖_F ≤ 0.01·√p ≤ 0.05, far inside the δ ≤ ½ of the Cholesky route
+        assert F._qr_near_identity(x + v) is not None
