@@ -370,10 +370,12 @@ def _polar_via_gram(y: Tensor, s: Tensor | None = None) -> Tensor:
     Near the manifold (the retraction of a tangent step: YᵀY = I + VᵀV), Y·K with K the certified
     matmul-only series of :func:`_inv_sqrt_near_identity`: two n×p products in all (Gram and Y·K).
     Otherwise through a p×p eigh, refined by one Newton–Schulz step, which squares the residual
-    ‖YᵀY − I‖ left by the fp32 eigh of the Gram matrix (:func:`_polar_via_eigh`).
+    ‖YᵀY − I‖ left by the fp32 eigh of the Gram matrix (:func:`_polar_via_eigh`). Row-sharded
+    (:mod:`stiefel_opt.distributed`) always the eigh route, so that a step's communication (its
+    all-reduced Grams) does not depend on the data.
     """
     s = gram(y, y) if s is None else s
-    k = _inv_sqrt_near_identity(s)
+    k = None if _row_reduce() is not None else _inv_sqrt_near_identity(s)
     if k is None:
         return _polar_via_eigh(y, s)
     return y @ k
