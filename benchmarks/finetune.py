@@ -383,7 +383,7 @@ class Setting:
 
     methods: tuple = tuple(METHODS)
     ranks: tuple = (8,)
-    lrs: tuple = (3e-4, 1e-3, 3e-3, 1e-2)
+    lrs: tuple = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
     fixed_lrs: tuple = ()  # ((method name, lr), ...)
     select_seed: int = 0
     seeds: tuple = (0, 1, 2)
