@@ -240,7 +240,12 @@ def distance(x: Tensor) -> Tensor:
 @_tall(2)
 def proj_tangent(x: Tensor, u: Tensor) -> Tensor:
     """Euclidean-metric tangent projection P_X(U) = U − X sym(XᵀU)."""
-    return _bmm_add(u, x, sym(gram(x, u)), alpha=-1.0)
+    return _bmm_add(u, x, _twice_sym(gram(x, u)), alpha=-0.5)
+
+
+def _twice_sym(a: Tensor) -> Tensor:
+    """A + Aᵀ = 2 sym(A) in one pass (the ½ folded into the product that uses it)."""
+    return a + a.transpose(-1, -2)
 
 
 @_tall(2)
@@ -319,11 +324,11 @@ def series_degree(delta: float, dtype: torch.dtype) -> int | None:
 
 def _identity_offset(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(c, A, δ) for a batch of symmetric S: c = tr(S)/p (shape …×1×1), A = S/c − I and
-    δ = min(‖A‖_F, ‖A‖_∞) ≥ ‖A‖₂ per matrix (+inf where c ≤ 0 or S is not finite)."""
+    δ = ‖A‖_F ≥ ‖A‖₂ per matrix (+inf where c ≤ 0 or S is not finite)."""
     c = torch.diagonal(s, dim1=-2, dim2=-1).mean(-1)[..., None, None]
     a = s / c
     a.diagonal(dim1=-2, dim2=-1).sub_(1.0)
-    delta = torch.minimum(torch.linalg.matrix_norm(a), a.abs().sum(-1).amax(-1))
+    delta = torch.linalg.matrix_norm(a)
     return c, a, torch.where((c > 0).reshape(delta.shape), delta, torch.inf)  # also NaN
 
 
@@ -333,10 +338,11 @@ def _inv_sqrt_near_identity(s: Tensor) -> Tensor | None:
 
     With c = tr(S)/p and A = S/c − I (per matrix), S^(−1/2) = c^(−1/2) Σ_k c_k A^k, the binomial
     series truncated at the degree m of :func:`series_degree` for δ, the largest over the batch of
-    min(‖A‖_F, ‖A‖_∞, ‖A²‖_F^½) ≥ ‖A‖₂ (A symmetric): every eigenvalue of the result is then within
+    min(‖A‖_F, ‖A²‖_F^½) ≥ ‖A‖₂ (A symmetric): every eigenvalue of the result is then within
     ε_mach/4 (relative) of the exact one. Summed as Σ_j (c_2j I + c_2j+1 A)(A²)^j (Horner in A²):
-    ⌈(m+1)/2⌉ products of p×p matrices, A² included. One or two host syncs (the degree); under
-    torch.compile, None (no data-dependent branch).
+    ⌊m/2⌋ products of p×p matrices, A² included (m = 2, the usual degree of an Adam step in fp32:
+    A² alone). One or two host syncs (the degree); under torch.compile, None (no data-dependent
+    branch).
     """
     if torch.compiler.is_compiling() or s.numel() == 0:
         return None
@@ -352,15 +358,23 @@ def _inv_sqrt_near_identity(s: Tensor) -> Tensor | None:
     coef = _binomial_inv_sqrt(m)
 
     def pair(j):  # c_2j I + c_2j+1 A
-        out = coef[2 * j + 1] * a if 2 * j + 1 <= m else torch.zeros_like(a)
+        out = coef[2 * j + 1] * a
         out.diagonal(dim1=-2, dim2=-1).add_(coef[2 * j])
         return out
 
-    j = m // 2
-    k = pair(j)
-    for j in range(j - 1, -1, -1):
-        k = a2 @ k
-        k += pair(j)
+    if m == 0:
+        k = _eye_like(a).expand_as(a).clone()
+    elif m % 2:  # (c_(m−1) I + c_m A) on top
+        k = pair(m // 2)
+        for j in range(m // 2 - 1, -1, -1):
+            k = a2 @ k
+            k += pair(j)
+    else:  # c_m I on top: A²·c_m I = c_m A², no product
+        k = coef[m] * a2
+        k += pair(m // 2 - 1)
+        for j in range(m // 2 - 2, -1, -1):
+            k = a2 @ k
+            k += pair(j)
     return k.mul_(c.rsqrt())
 
 
@@ -641,7 +655,19 @@ def _tangent_term(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
     if route == "thin":  # no copy of [X G]: two Grams, G·C_G then += X·C_X in place
         xtx = gram(x, x)
         return _mm_add_(g @ (0.5 * xtx), x, gram(g, x), alpha=-0.5), xtx
-    return skew(g @ x.transpose(-1, -2)) @ x, None
+    w = g @ x.transpose(-1, -2)
+    return _mm_scaled(w - w.transpose(-1, -2), x, 0.5), None  # skew(W)X, the ½ in the product
+
+
+def _mm_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """alpha·A B in one product (baddbmm/addmm with beta = 0: no pass to scale)."""
+    if a.dim() == 2 and b.dim() == 2:
+        return torch.addmm(a.new_zeros(()), a, b, beta=0.0, alpha=alpha)
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a3 = a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    out = torch.baddbmm(a3.new_zeros(()), a3, b3, beta=0.0, alpha=alpha)
+    return out.reshape(*lead, a.shape[-2], b.shape[-1])
 
 
 def _mm_add_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
@@ -943,7 +969,6 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor | None, scale: float, *, lr: float, 
     ⟨R(V), X(XᵀX − I)⟩ = 0 for any V, which keeps the safe-step bound valid. ``xtx``: XᵀX from
     :func:`_tangent_term` (None on the n×n routes). Associated as :func:`landing_association` says."""
     route = landing_association(*x.shape[-2:])
-    eye_p = _eye_like(x)
     if route == "small":  # X⁺ = X·K_X + U·K_U from the Grams UᵀX, UᵀU (landing_plan)
         utx = gram(u, x)
         c_u, c_x = landing_coefficients(xtx, scale * utx, lam)
@@ -953,16 +978,20 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor | None, scale: float, *, lr: float, 
     if route == "thin":
         # Λ = U·(½s XᵀX) + X·(λ(XᵀX − I) − ½s UᵀX) (landing_coefficients): two n×p-by-p×p products
         c_u, c_x = landing_coefficients(xtx, scale * gram(u, x), lam)
-        gap = xtx - eye_p
+        gap = xtx - _eye_like(xtx)
         field = _mm_add_(u @ (scale * c_u), x, c_x)
     elif route == "square":
-        # X(XᵀX − I) = (XXᵀ − I)X: Λ = (skew(sUXᵀ) + λ(XXᵀ − I))X, one n×n-by-n×n product
-        gap = x @ x.transpose(-1, -2) - eye_p
-        b = u @ x.transpose(-1, -2)
-        b = (b - b.transpose(-1, -2)).mul_(0.5 * scale).add_(gap, alpha=lam)
-        field = b @ x
+        # X(XᵀX − I) = (XXᵀ − I)X: Λ = λ(XXᵀ − I + (s/2λ)(UXᵀ − XUᵀ))X, one n×n-by-n×n product
+        gap = x @ x.transpose(-1, -2)
+        gap.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        w = u @ x.transpose(-1, -2)
+        if lam > 0:
+            field = _mm_scaled(torch.add(gap, w - w.transpose(-1, -2), alpha=0.5 * scale / lam), x, lam)
+        else:  # (safe_step rejects λ ≤ 0)
+            field = _mm_scaled(w - w.transpose(-1, -2), x, 0.5 * scale)
     else:  # mid: Λ = skew(sUXᵀ)X + X·λ(XᵀX − I)
-        gap = gram(x, x) - eye_p
+        gap = gram(x, x)
+        gap.diagonal(dim1=-2, dim2=-1).sub_(1.0)
         field = _bmm_add(skew(u @ x.transpose(-1, -2)).mul_(scale) @ x, x, gap, alpha=lam)
     eta = safe_step(torch.linalg.matrix_norm(gap), _frobenius(field), lam, safe_eps).clamp_max(lr)
     return torch.addcmul(x, eta[..., None, None], field, value=-1.0)
@@ -983,7 +1012,7 @@ def _retract_step(x: Tensor, d: Tensor, alpha: float, retraction: str, metric: s
     (:func:`_polar_via_gram`: near the manifold two n×p products and a certified p×p series)."""
     if retraction == "polar":
         if project:
-            b = sym(gram(x, d)).mul_(-alpha)
+            b = _twice_sym(gram(x, d)).mul_(-0.5 * alpha)
             b.diagonal(dim1=-2, dim2=-1).add_(1.0)
             y = _bmm_add(d, x, b, beta=alpha)
         else:
@@ -995,11 +1024,11 @@ def _retract_step(x: Tensor, d: Tensor, alpha: float, retraction: str, metric: s
 
 def _transport_(y: Tensor, m: Tensor) -> None:
     """M ← P_Y(M) = M − Y sym(YᵀM) in place (vector transport by projection onto the tangent space at Y)."""
-    c = sym(gram(y, m))
+    c = _twice_sym(gram(y, m))
     if m.is_contiguous():
-        _mm_add_(m, y, c, alpha=-1.0)
+        _mm_add_(m, y, c, alpha=-0.5)
     else:
-        m.copy_(_bmm_add(m, y, c, alpha=-1.0))
+        m.copy_(_bmm_add(m, y, c, alpha=-0.5))
 
 
 def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, t: Tensor,
