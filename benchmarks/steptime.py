@@ -13,7 +13,7 @@ Scaling: ``COUNT`` matrices of n × p, over n at fixed p (``SCALE_N``), over p a
 n = 4096, and ``SCALE_P_TO_N``, p from 4 to n = 512) and over square n = p (``SCALE_SQUARE``), for
 torch Adam(foreach), LandingAdam, RiemannianAdam, geoopt's RiemannianAdam and LandingAdam's matrix
 products alone (the association the step takes at that shape,
-:func:`stiefel_opt.functional.landing_association`). At each point they step in turn, round-robin,
+``stiefel_opt.functional._landing_association``). At each point they step in turn, round-robin,
 so that drift of the machine hits them alike; plotted as ms per step against n, p and n = p (log-log).
 
 ``python -m benchmarks steptime [--quick] [--out results]``
@@ -65,7 +65,7 @@ class _ProductFloor:
     what any implementation of that association pays on this machine before its element-wise work.
 
     The association is the one the installed package takes at this shape
-    (``functional.landing_association``; a package without it has the thin one of six products,
+    (``functional._landing_association``; a package without it has the thin one of six products,
     Xᵀ[X G], [G X]·C, UᵀX, UᵀU, X·K_X, U·K_U: 16np² flops a matrix):
     ``small`` (p ≤ 32): the six of the thin one above; ``thin``: XᵀX, GᵀX, G·C, X·C, DᵀX, D·C, X·C
     (14np²); ``square`` (n = p): XXᵀ, GXᵀ, W·X, DXᵀ,
@@ -77,7 +77,7 @@ class _ProductFloor:
         self.g = torch.randn(count, n, p, generator=gen).to(device)
         self.xg = torch.cat([self.x, self.g], -1)
         self.coef = torch.randn(count, 2 * p, p, generator=gen).to(device)
-        assoc = getattr(F, "landing_association", None)
+        assoc = getattr(F, "_landing_association", None)
         self.route = "six" if assoc is None else assoc(n, p)
         self.state: dict = {}
 

@@ -293,8 +293,8 @@ def _inv_sqrt_psd(s: Tensor) -> Tensor:
 
 
 #: Largest degree of the binomial series of (I + A)^(−1/2) :func:`_inv_sqrt_near_identity` evaluates
-#: (degree m costs m − 1 products of p×p matrices); beyond it the p×p ``eigh`` is used.
-SERIES_MAX_DEGREE = 12
+#: (degree m costs ⌊m/2⌋ products of p×p matrices); beyond it the p×p ``eigh`` is used.
+_SERIES_MAX_DEGREE = 12
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,16 +306,16 @@ def _binomial_inv_sqrt(m: int) -> tuple[float, ...]:
     return tuple(c)
 
 
-def series_degree(delta: float, dtype: torch.dtype) -> int | None:
+def _series_degree(delta: float, dtype: torch.dtype) -> int | None:
     """Smallest degree m whose truncation bound |c_(m+1)| δ^(m+1) / (1 − δ) is at most ε_mach/4 of
     ``dtype`` (the tail of an alternating series with decreasing |c_k|, for ‖A‖₂ ≤ δ < 1), or None
-    when that takes a degree above :data:`SERIES_MAX_DEGREE` (or δ is not finite)."""
+    when that takes a degree above :data:`_SERIES_MAX_DEGREE` (or δ is not finite)."""
     if not 0.0 <= delta < 0.5:  # False for NaN
         return None
     tol = 0.25 * torch.finfo(dtype).eps
-    c = _binomial_inv_sqrt(SERIES_MAX_DEGREE + 1)
+    c = _binomial_inv_sqrt(_SERIES_MAX_DEGREE + 1)
     power = 1.0 / (1.0 - delta)
-    for m in range(SERIES_MAX_DEGREE + 1):
+    for m in range(_SERIES_MAX_DEGREE + 1):
         power *= delta  # δ^(m+1)/(1 − δ)
         if abs(c[m + 1]) * power <= tol:
             return m
@@ -337,7 +337,7 @@ def _inv_sqrt_near_identity(s: Tensor) -> Tensor | None:
     when it cannot be certified (then the caller takes the ``eigh`` route).
 
     With c = tr(S)/p and A = S/c − I (per matrix), S^(−1/2) = c^(−1/2) Σ_k c_k A^k, the binomial
-    series truncated at the degree m of :func:`series_degree` for δ, the largest over the batch of
+    series truncated at the degree m of :func:`_series_degree` for δ, the largest over the batch of
     min(‖A‖_F, ‖A²‖_F^½) ≥ ‖A‖₂ (A symmetric): every eigenvalue of the result is then within
     ε_mach/4 (relative) of the exact one. Summed as Σ_j (c_2j I + c_2j+1 A)(A²)^j (Horner in A²):
     ⌊m/2⌋ products of p×p matrices, A² included (m = 2, the usual degree of an Adam step in fp32:
@@ -347,12 +347,12 @@ def _inv_sqrt_near_identity(s: Tensor) -> Tensor | None:
     if torch.compiler.is_compiling() or s.numel() == 0:
         return None
     c, a, delta = _identity_offset(s)
-    m = series_degree(float(delta.max()), s.dtype)
+    m = _series_degree(float(delta.max()), s.dtype)
     a2 = None
     if m is None or m >= 2:
         a2 = a @ a
         delta = torch.minimum(delta, torch.linalg.matrix_norm(a2).sqrt())
-        m = series_degree(float(delta.max()), s.dtype)
+        m = _series_degree(float(delta.max()), s.dtype)
         if m is None:
             return None
     coef = _binomial_inv_sqrt(m)
@@ -611,7 +611,7 @@ def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
     """Landing field Λ(X) = ½(G·XᵀX − X·GᵀX) + λ X(XᵀX − I)  (Ablin et al.; = skew(GXᵀ)X + λ∇N).
 
     Thin X: the p×p Grams XᵀX, GᵀX and Λ = G·C_G + X·C_X (:func:`landing_coefficients`); G Xᵀ (n×n)
-    is never formed. Nearly square X (:func:`landing_association`): skew(G Xᵀ)X, cheaper there.
+    is never formed. Nearly square X (:func:`_landing_association`): skew(G Xᵀ)X, cheaper there.
     """
     t, xtx = _tangent_term(x, g)
     if lam == 0:
@@ -620,14 +620,14 @@ def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
     return _bmm_add(t, x, lam * (xtx - _eye_like(xtx)))
 
 
-#: Largest p for which the thin landing step never forms Λ (``"small"`` in :func:`landing_association`).
-SMALL_P = 32
+#: Largest p for which the thin landing step never forms Λ (``"small"`` in :func:`_landing_association`).
+_SMALL_P = 32
 
 
-def landing_association(n: int, p: int) -> str:
+def _landing_association(n: int, p: int) -> str:
     """How the landing steps associate their products for a tall n×p X (n ≥ p), by cost:
 
-    - ``"small"`` (p ≤ :data:`SMALL_P`): p×p Grams XᵀX, GᵀX, DᵀX, DᵀD and X⁺ = X·K_X + D·K_D
+    - ``"small"`` (p ≤ :data:`_SMALL_P`): p×p Grams XᵀX, GᵀX, DᵀX, DᵀD and X⁺ = X·K_X + D·K_D
       (:func:`landing_plan`), Λ never formed: 8np² multiply-adds a landing Adam step, and no pass
       over Λ, which costs more than its products at small p;
     - ``"thin"``: XᵀX, GᵀX, DᵀX, Λ = D·C_D + X·C_X formed (‖Λ‖_F and X − ηΛ in two passes): 7np²;
@@ -638,14 +638,14 @@ def landing_association(n: int, p: int) -> str:
     Inside a row-sharded reduction always ``"thin"`` (an n×n product would need every shard's rows).
     """
     if _row_reduce() is not None or 4 * n >= 5 * p:
-        return "small" if p <= SMALL_P else "thin"
+        return "small" if p <= _SMALL_P else "thin"
     return "square" if n == p else "mid"
 
 
 def _tangent_term(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
     """(T, XᵀX or None) for T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ)X of a tall X, associated as
-    :func:`landing_association` says (XᵀX is computed on the thin route only)."""
-    route = landing_association(*x.shape[-2:])
+    :func:`_landing_association` says (XᵀX is computed on the thin route only)."""
+    route = _landing_association(*x.shape[-2:])
     if route == "small":  # one Gram Xᵀ[X G] and one product [X G]·C: fewest calls at small p
         p = x.shape[-1]
         xg = torch.cat([x, g], dim=-1)
@@ -967,8 +967,8 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor | None, scale: float, *, lr: float, 
     """X⁺ = X − ηΛ for Λ = R(sU) + λX(XᵀX − I), R(V) = ½(V·XᵀX − X·VᵀX) = skew(V Xᵀ)X,
     s = ``scale``, η = min(lr, η*(d, ‖Λ‖_F)) per matrix (:func:`safe_step`), d = ‖XᵀX − I‖_F.
     ⟨R(V), X(XᵀX − I)⟩ = 0 for any V, which keeps the safe-step bound valid. ``xtx``: XᵀX from
-    :func:`_tangent_term` (None on the n×n routes). Associated as :func:`landing_association` says."""
-    route = landing_association(*x.shape[-2:])
+    :func:`_tangent_term` (None on the n×n routes). Associated as :func:`_landing_association` says."""
+    route = _landing_association(*x.shape[-2:])
     if route == "small":  # X⁺ = X·K_X + U·K_U from the Grams UᵀX, UᵀU (landing_plan)
         utx = gram(u, x)
         c_u, c_x = landing_coefficients(xtx, scale * utx, lam)
@@ -1000,7 +1000,7 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor | None, scale: float, *, lr: float, 
 @_tall(2)
 def relative_tangent(x: Tensor, g: Tensor) -> Tensor:
     """Tangent term of the landing field T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ) X (n×n formed only
-    for nearly square X, where it is cheaper: :func:`landing_association`)."""
+    for nearly square X, where it is cheaper: :func:`_landing_association`)."""
     return _tangent_term(x, g)[0]
 
 

@@ -101,7 +101,7 @@ def ref_step(name, x, g, m, v, *, lr, retraction="polar", metric="euclidean", mo
 # ------------------------------------------------------------------ shapes
 @st.composite
 def shapes(draw):
-    """(*batch, n, p) of every route: small and thin (n ≥ 5p/4, p ≤ or > SMALL_P), mid
+    """(*batch, n, p) of every route: small and thin (n ≥ 5p/4, p ≤ or > _SMALL_P), mid
     (p < n < 5p/4), square, and their wide transposes; unbatched or batched."""
     batch = draw(st.sampled_from([(), (2,), (2, 2)]))
     kind = draw(st.sampled_from(["thin", "mid", "square"]))
@@ -173,13 +173,13 @@ def test_steps_equal_the_previous_formulas(shape, case, dtype, seed, lr):
 
 
 def test_landing_association_by_shape():
-    assert F.landing_association(4096, 16) == "small"
-    assert F.landing_association(4096, F.SMALL_P) == "small"
-    assert F.landing_association(4096, F.SMALL_P + 1) == "thin"
-    assert F.landing_association(640, 512) == "thin"      # 4n = 5p: equal cost, thin kept
-    assert F.landing_association(600, 512) == "mid"
-    assert F.landing_association(512, 512) == "square"
-    assert F.landing_association(1, 1) == "square"
+    assert F._landing_association(4096, 16) == "small"
+    assert F._landing_association(4096, F._SMALL_P) == "small"
+    assert F._landing_association(4096, F._SMALL_P + 1) == "thin"
+    assert F._landing_association(640, 512) == "thin"      # 4n = 5p: equal cost, thin kept
+    assert F._landing_association(600, 512) == "mid"
+    assert F._landing_association(512, 512) == "square"
+    assert F._landing_association(1, 1) == "square"
 
 
 @pytest.mark.parametrize("route,shape", [("small", (3, 9, 4)), ("mid", (2, 11, 10)), ("square", (2, 7, 7)),
@@ -190,7 +190,7 @@ def test_landing_field_and_relative_tangent_on_every_route(route, shape):
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     g = torch.randn(shape, generator=gen, dtype=torch.float64)
     n, p = _tall(x).shape[-2:]
-    assert F.landing_association(n, p) == route
+    assert F._landing_association(n, p) == route
     xt, gt = _tall(x), _tall(g)
     dense_t = F.skew(gt @ xt.mT) @ xt
     dense = dense_t + 0.7 * xt @ (xt.mT @ xt - torch.eye(p, dtype=x.dtype))
@@ -209,13 +209,13 @@ def _exact_inv_sqrt(a: float) -> Decimal:
 @given(st.floats(0.0, 0.49), st.sampled_from([torch.float64, torch.float32]))
 def test_series_degree_bounds_the_truncation_error(delta, dtype):
     """On every eigenvalue a ∈ [−δ, δ], |(1 + a)^(−1/2) − Σ_{k≤m} c_k a^k| ≤ ε_mach/4 for the m
-    series_degree returns (checked in 50-digit decimal arithmetic), and m is the smallest such
+    _series_degree returns (checked in 50-digit decimal arithmetic), and m is the smallest such
     degree allowed by the bound."""
-    m = F.series_degree(delta, dtype)
+    m = F._series_degree(delta, dtype)
     tol = Decimal(torch.finfo(dtype).eps) / 4
     if m is None:  # the bound needs more than the largest degree: the eigh route is taken
-        c = F._binomial_inv_sqrt(F.SERIES_MAX_DEGREE + 1)
-        assert abs(c[-1]) * delta ** (F.SERIES_MAX_DEGREE + 1) / (1 - delta) > float(tol) * 0.999
+        c = F._binomial_inv_sqrt(F._SERIES_MAX_DEGREE + 1)
+        assert abs(c[-1]) * delta ** (F._SERIES_MAX_DEGREE + 1) / (1 - delta) > float(tol) * 0.999
         return
     c = [Decimal(v) for v in F._binomial_inv_sqrt(m)]
     for a in [delta * t / 8 for t in range(-8, 9)]:
@@ -237,10 +237,10 @@ def test_matmul_inverse_square_root_near_a_multiple_of_identity(p, batch, spread
     s = scale * (q * (1 + a).unsqueeze(-2)) @ q.mT
     want = (q * (scale * (1 + a)).rsqrt().unsqueeze(-2)) @ q.mT
     k = F._inv_sqrt_near_identity(F.sym(s).to(dtype))
-    if k is None:  # declines only when even p^(1/4)‖A‖₂ ≥ its δ needs more than SERIES_MAX_DEGREE
+    if k is None:  # declines only when even p^(1/4)‖A‖₂ ≥ its δ needs more than _SERIES_MAX_DEGREE
         lam = 1 + a
         a_norm = float((lam / lam.mean(-1, keepdim=True) - 1).abs().max())
-        assert F.series_degree(min(p**0.25 * a_norm * (1 + 1e-6), 0.5), dtype) is None
+        assert F._series_degree(min(p**0.25 * a_norm * (1 + 1e-6), 0.5), dtype) is None
         return
     err = float(torch.linalg.matrix_norm(k.double() - want, ord=2).max() * math.sqrt(scale))
     assert err <= 8 * p * torch.finfo(dtype).eps
