@@ -16,18 +16,24 @@ products alone (the association the step takes at that shape,
 ``stiefel_opt.functional._landing_association``). At each point they step in turn, round-robin,
 so that drift of the machine hits them alike; plotted as ms per step against n, p and n = p (log-log).
 
-``python -m benchmarks steptime [--quick] [--out results]``
+``--before PATH``: a checkout of an earlier version of the repository (e.g. ``git worktree add
+/tmp/before <commit>``); its package is imported next to this one (as ``stiefel_opt_before``) and its
+optimizers step in the same round-robin, as rows and columns suffixed " (before)": before/after
+ratios measured side by side in one process.
+
+``python -m benchmarks steptime [--quick] [--out results] [--before PATH]``
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+import stiefel_opt
 from benchmarks._report import device_header, markdown_table, plot_lines, progress, write_json, write_markdown
-from stiefel_opt import (LandingAdam, LandingSGD, RiemannianAdam, RiemannianSGD, StiefelParameter, landing,
-                         riemannian)
 from stiefel_opt import functional as F
 from stiefel_opt._geoopt import geoopt
 
@@ -43,9 +49,42 @@ QUICK_SCALE_P_TO_N = {"n": 512, "p": (4, 64, 512)}
 QUICK_SCALE_SQUARE = {"n=p": (64, 256, 512)}
 FLOOR = "LandingAdam's matrix products alone"
 SCALING = ("torch Adam (foreach, unconstrained)", "LandingAdam", "RiemannianAdam", "geoopt RiemannianAdam", FLOOR)
+BEFORE = " (before)"
+_BEFORE_PKG = None  # the earlier package loaded by --before
 
 
-def _optimizers():
+def add_arguments(parser) -> None:
+    parser.add_argument("--before", type=Path, default=None,
+                        help="repository checkout of an earlier version: its optimizers step side by side")
+
+
+def load_before(path: Path):
+    """Import the package of the checkout at ``path`` as ``stiefel_opt_before`` (its relative imports
+    stay inside it; the fused kernels, CUDA only, are this package's) and use it for " (before)" rows."""
+    global _BEFORE_PKG
+    name = "stiefel_opt_before"
+    root = Path(path) / "stiefel_opt"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    sys.modules[f"{name}.kernels"] = stiefel_opt.kernels
+    spec.loader.exec_module(mod)
+    _BEFORE_PKG = mod
+    return mod
+
+
+def _with_before(names) -> list:
+    """``names`` followed by the " (before)" twin of each package optimizer (and of the floor)."""
+    if _BEFORE_PKG is None:
+        return list(names)
+    ours = [n for n in names if not n.startswith(("torch Adam", "geoopt"))]
+    return list(names) + [n + BEFORE for n in ours]
+
+
+def _optimizers(pkg=stiefel_opt):
+    RiemannianSGD, RiemannianAdam, LandingSGD, LandingAdam = (pkg.RiemannianSGD, pkg.RiemannianAdam,
+                                                              pkg.LandingSGD, pkg.LandingAdam)
+    riemannian, landing = pkg.riemannian, pkg.landing
     return {
         "torch Adam (foreach, unconstrained)": None,
         "geoopt RiemannianAdam": None,
@@ -71,7 +110,7 @@ class _ProductFloor:
     (14np²); ``square`` (n = p): XXᵀ, GXᵀ, W·X, DXᵀ,
     B·X (10n³); ``mid``: XᵀX, GXᵀ, W·X, DXᵀ, B·X, X·C (8n²p + 4np²)."""
 
-    def __init__(self, count: int, n: int, p: int, device):
+    def __init__(self, count: int, n: int, p: int, device, F=F):
         gen = torch.Generator().manual_seed(0)
         self.x = F.random_point(count, n, p, generator=gen).to(device)
         self.g = torch.randn(count, n, p, generator=gen).to(device)
@@ -105,7 +144,7 @@ class _ProductFloor:
             ((t @ x.mT) @ x).baddbmm_(x, xtx)
 
 
-def _params(count, n, p, kind, device):
+def _params(count, n, p, kind, device, pkg=stiefel_opt):
     gen = torch.Generator().manual_seed(0)
     xs = F.random_point(count, n, p, generator=gen)
     grads = torch.randn(count, n, p, generator=gen) * 1e-2
@@ -115,7 +154,7 @@ def _params(count, n, p, kind, device):
         m = geoopt.EuclideanStiefel()
         ps = [geoopt.ManifoldParameter(x.clone().to(device), manifold=m) for x in xs]
     else:
-        ps = [StiefelParameter(x.clone().to(device), check=False) for x in xs]
+        ps = [pkg.StiefelParameter(x.clone().to(device), check=False) for x in xs]
     for prm, g in zip(ps, grads):
         prm.grad = g.clone().to(device)
     return ps
@@ -127,9 +166,12 @@ def _make(name: str, count: int, n: int, p: int, device):
         return torch.optim.Adam(_params(count, n, p, "plain", device), lr=1e-3, foreach=True)
     if name.startswith("geoopt"):
         return geoopt.optim.RiemannianAdam(_params(count, n, p, "geoopt", device), lr=1e-3)
+    pkg = stiefel_opt
+    if name.endswith(BEFORE):
+        name, pkg = name[: -len(BEFORE)], _BEFORE_PKG
     if name == FLOOR:
-        return _ProductFloor(count, n, p, device)
-    return _optimizers()[name](_params(count, n, p, "stiefel", device))
+        return _ProductFloor(count, n, p, device, pkg.functional)
+    return _optimizers(pkg)[name](_params(count, n, p, "stiefel", device, pkg))
 
 
 def _state_bytes(opt) -> int:
@@ -155,12 +197,14 @@ def _peak_mib(opt, device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def run(quick: bool = False, out: Path = Path("results/steptime")) -> dict:
+def run(quick: bool = False, out: Path = Path("results/steptime"), before: Path | None = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if before is not None:
+        load_before(before)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     warmup, repeats = (1, 5) if quick else (5, 30)
-    makers = _optimizers()
+    makers = _with_before(_optimizers())
     rows, results = [], {}
     for count, n, p in progress(MIXES, desc="steptime"):
         mix = f"{count}×({n}×{p})"
@@ -171,15 +215,23 @@ def run(quick: bool = False, out: Path = Path("results/steptime")) -> dict:
     for mix, res in results.items():
         base = res["torch Adam (foreach, unconstrained)"]["ms"]
         geo = res["geoopt RiemannianAdam"]["ms"]
-        for name, r in res.items():
+        order = [n for n in res if not n.endswith(BEFORE)]
+        order = [m for n in order for m in (n, n + BEFORE) if m in res]  # each twin after its optimizer
+        for name in order:
+            r = res[name]
             r["x_torch_adam"] = r["ms"] / base
             r["geoopt_speedup"] = geo / r["ms"]
-            rows.append({
+            row = {
                 "mix": mix, "optimizer": name, "ms/step": round(r["ms"], 3),
                 "÷ torch Adam": round(r["x_torch_adam"], 2), "geoopt RAdam ÷ this": round(r["geoopt_speedup"], 2),
                 "state MiB": round(r["state_MiB"], 1),
                 "peak MiB": "n/a (CPU)" if r["peak_MiB"] is None else round(r["peak_MiB"], 1),
-            })
+            }
+            if _BEFORE_PKG is not None:
+                twin = res.get(name + BEFORE)
+                r["before_speedup"] = None if twin is None else twin["ms"] / r["ms"]
+                row["before ÷ this"] = "" if twin is None else round(r["before_speedup"], 2)
+            rows.append(row)
     header = device_header(device)
     over_n = scaling("n", QUICK_SCALE_N if quick else SCALE_N, device, warmup, repeats)
     over_p = scaling("p", QUICK_SCALE_P if quick else SCALE_P, device, warmup, repeats)
@@ -230,6 +282,7 @@ def run(quick: bool = False, out: Path = Path("results/steptime")) -> dict:
 def scaling(axis: str, grid: dict, device, warmup: int, repeats: int, names=SCALING, count: int = COUNT) -> dict:
     """Median ms per step of ``names`` over ``grid[axis]`` (the other dimension fixed), round-robin timed."""
     fixed = {k: v for k, v in grid.items() if k != axis}
+    names = _with_before(names)
     ms = {name: [] for name in names}
     for v in progress(grid[axis], desc=f"steptime scaling over {axis}"):
         shape = {**fixed, **{k: v for k in axis.split("=")}}  # axis "n=p": square
@@ -279,10 +332,12 @@ def geoopt_table(overs: list[dict]) -> str:
             shape = {**over["fixed"], **{k: v for k in over["axis"].split("=")}}
             ms = {name: t[i] for name, t in over["ms"].items()}
             geo = ms["geoopt RiemannianAdam"]
-            rows.append({"n × p": f"{shape['n']} × {shape['p']}",
-                         "RiemannianAdam": f"{geo / ms['RiemannianAdam']:.2f}",
-                         "LandingAdam": f"{geo / ms['LandingAdam']:.2f}",
-                         "LandingAdam ÷ floor": f"{ms['LandingAdam'] / ms[FLOOR]:.2f}"})
+            row = {"n × p": f"{shape['n']} × {shape['p']}"}
+            for tag in ("", BEFORE) if "LandingAdam" + BEFORE in ms else ("",):
+                row["RiemannianAdam" + tag] = f"{geo / ms['RiemannianAdam' + tag]:.2f}"
+                row["LandingAdam" + tag] = f"{geo / ms['LandingAdam' + tag]:.2f}"
+                row["LandingAdam ÷ floor" + tag] = f"{ms['LandingAdam' + tag] / ms[FLOOR + tag]:.2f}"
+            rows.append(row)
     return markdown_table(rows)
 
 
