@@ -224,7 +224,12 @@ RECIPES = ("polar", "stella", "lora_rite", "symlora")
 DEMO_METHODS = ("LoRA (AdamW)", "PoLAR (official recipe)", "PoLAR + LandingAdam", "StelLA (official recipe)")
 # the lr each method's validation accuracy selected in the committed grid (docs/assets/finetune/finetune.md);
 # ``make demo`` trains at these instead of searching again
-SELECTED_LRS: dict[str, float] = {}
+SELECTED_LRS: dict[str, float] = {
+    "LoRA (AdamW)": 3e-3,
+    "PoLAR (official recipe)": 3e-2,
+    "PoLAR + LandingAdam": 3e-2,
+    "StelLA (official recipe)": 3e-3,
+}
 
 
 def _adapted(model, top: int) -> str:
