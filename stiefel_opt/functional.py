@@ -613,11 +613,7 @@ def landing_field(x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
     Thin X: the p×p Grams XᵀX, GᵀX and Λ = G·C_G + X·C_X (:func:`landing_coefficients`); G Xᵀ (n×n)
     is never formed. Nearly square X (:func:`_landing_association`): skew(G Xᵀ)X, cheaper there.
     """
-    t, xtx = _tangent_term(x, g)
-    if lam == 0:
-        return t
-    xtx = gram(x, x) if xtx is None else xtx
-    return _bmm_add(t, x, lam * (xtx - _eye_like(xtx)))
+    return _tangent_term(x, g, lam)[0]
 
 
 #: Largest p for which the thin landing step never forms Λ (``"small"`` in :func:`_landing_association`).
@@ -642,21 +638,32 @@ def _landing_association(n: int, p: int) -> str:
     return "square" if n == p else "mid"
 
 
-def _tangent_term(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(T, XᵀX or None) for T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ)X of a tall X, associated as
-    :func:`_landing_association` says (XᵀX is computed on the thin route only)."""
+def _tangent_term(x: Tensor, g: Tensor, lam: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    """(T + λX(XᵀX − I), XᵀX or None) for T = ½(G·XᵀX − X·GᵀX) = skew(G Xᵀ)X of a tall X
+    (λ = 0: the tangent term alone), associated as :func:`_landing_association` says (XᵀX is
+    returned on the Gram routes only)."""
     route = _landing_association(*x.shape[-2:])
     if route == "small":  # one Gram Xᵀ[X G] and one product [X G]·C: fewest calls at small p
         p = x.shape[-1]
         xg = torch.cat([x, g], dim=-1)
         s = gram(x, xg)
-        c_g, c_x = landing_coefficients(s[..., :p], s[..., p:].transpose(-1, -2), 0.0)
+        c_g, c_x = landing_coefficients(s[..., :p], s[..., p:].transpose(-1, -2), lam)
         return xg @ torch.cat([c_x, c_g], dim=-2), s[..., :p]
     if route == "thin":  # no copy of [X G]: two Grams, G·C_G then += X·C_X in place
         xtx = gram(x, x)
-        return _mm_add_(g @ (0.5 * xtx), x, gram(g, x), alpha=-0.5), xtx
+        c_g, c_x = landing_coefficients(xtx, gram(g, x), lam)
+        return _mm_add_(g @ c_g, x, c_x), xtx
     w = g @ x.transpose(-1, -2)
-    return _mm_scaled(w - w.transpose(-1, -2), x, 0.5), None  # skew(W)X, the ½ in the product
+    w = w - w.transpose(-1, -2)  # 2 skew(G Xᵀ)
+    if lam == 0:
+        return _mm_scaled(w, x, 0.5), None  # skew(W)X, the ½ in the product
+    if route == "square":  # + λ(XXᵀ − I)X = λX(XᵀX − I): the same product
+        gap = x @ x.transpose(-1, -2)
+        gap.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+        return _mm_scaled(w.add_(gap, alpha=2.0 * lam), x, 0.5), None
+    gap = gram(x, x)
+    gap.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    return _mm_add_(_mm_scaled(w, x, 0.5), x, gap, alpha=lam), None
 
 
 def _mm_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
