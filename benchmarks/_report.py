@@ -136,6 +136,29 @@ def plot_lines(
     return path
 
 
+def plot_bars(path: Path, groups: Sequence[str], bars: dict[str, Sequence[float]], title: str, ylabel: str) -> Path:
+    """Save a grouped bar chart on a log scale (PNG, Agg backend): ``bars`` maps a label to one value
+    per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(bars)
+    for i, (label, values) in enumerate(bars.items()):
+        ax.bar([j + i * width for j in range(len(groups))], list(values), width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], list(groups), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def progress(iterable=None, total: int | None = None, desc: str = "", **kwargs):
     """A tqdm progress bar on stderr (not left on screen when done, unless leave=True)."""
     from tqdm.auto import tqdm

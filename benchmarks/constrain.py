@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks._report import device_header, markdown_table, plot_lines, progress, write_json, write_markdown
+from benchmarks._report import (device_header, markdown_table, plot_bars, plot_lines, progress, write_json,
+                                write_markdown)
 import stiefel_opt as so
 from stiefel_opt import functional as F
 from stiefel_opt._geoopt import geoopt
@@ -416,21 +417,6 @@ def run(quick: bool = False, out: Path = Path("results/constrain"), threads: int
 
 
 def _plot_ms(results: dict, path: Path, header: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = list(results)
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / len(METHODS)
-    for i, m in enumerate(METHODS):
-        ax.bar([j + i * width for j in range(len(tasks))], [results[t]["ms"][m] for t in tasks], width, label=m)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per training step (log)")
-    ax.set_title(header, fontsize=7)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_bars(path, tasks, {m: [results[t]["ms"][m] for t in tasks] for m in METHODS}, header,
+              "ms per training step (log)")

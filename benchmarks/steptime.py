@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 import stiefel_opt
-from benchmarks._report import device_header, markdown_table, plot_lines, progress, write_json, write_markdown
+from benchmarks._report import (device_header, markdown_table, plot_bars, plot_lines, progress, write_json,
+                                write_markdown)
 from stiefel_opt import functional as F
 from stiefel_opt._geoopt import geoopt
 
@@ -342,22 +343,7 @@ def geoopt_table(overs: list[dict]) -> str:
 
 
 def _plot(results: dict, path: Path, header: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     mixes = list(results)
     names = list(next(iter(results.values())))
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        ax.bar([j + i * width for j in range(len(mixes))], [results[m][name]["ms"] for m in mixes], width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(mixes))], mixes)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per step (log)")
-    ax.set_title(header, fontsize=7)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_bars(path, mixes, {name: [results[m][name]["ms"] for m in mixes] for name in names}, header,
+              "ms per step (log)")

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from stiefel_opt import functional as F
 from stiefel_opt.optim.lora_rite import LoRARITE
 
+from _trainer import tiny_trainer
+
 
 def _well_conditioned(r, dtype=torch.float64):
     """Q diag(σ) Q'ᵀ with σ in [0.6, 1.9]: an invertible r×r matrix of condition number ≤ 3.2."""
@@ -295,7 +297,7 @@ def test_hf_trainer_trains_lora_pairs_and_resumes_from_checkpoint(tmp_path):
     and resuming from a checkpoint (our state_dict through torch.save/torch.load) gives the same
     factors as the uninterrupted run."""
     pytest.importorskip("transformers")
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from stiefel_opt.adapters import AdapterConfig, inject_adapters, lora_pairs
 
@@ -308,18 +310,9 @@ def test_hf_trainer_trains_lora_pairs_and_resumes_from_checkpoint(tmp_path):
                                                                     target_modules=["c_attn"]))
         return model, LoRARITE(lora_pairs(model), lr=3e-2)
 
-    row = torch.randint(1, 32, (12,), generator=torch.Generator().manual_seed(3))
-    data = [{"input_ids": row, "labels": row}] * 8  # identical rows: the sampler's shuffle changes nothing
-
-    def trainer(model, opt, out):
-        args = TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=8,
-                                 learning_rate=3e-2, lr_scheduler_type="linear", logging_steps=1,
-                                 save_strategy="steps", save_steps=3, report_to="none", use_cpu=True,
-                                 disable_tqdm=True, dataloader_num_workers=0, seed=0)
-        return Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
 
     model, opt = build()
-    t = trainer(model, opt, tmp_path / "full")
+    t = tiny_trainer(model, opt, tmp_path / "full")
     t.train()
     losses = [h["loss"] for h in t.state.log_history if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]
@@ -329,7 +322,7 @@ def test_hf_trainer_trains_lora_pairs_and_resumes_from_checkpoint(tmp_path):
     assert all(torch.count_nonzero(b) > 0 for _, b in pairs)
 
     model2, opt2 = build()
-    t2 = trainer(model2, opt2, tmp_path / "resumed")
+    t2 = tiny_trainer(model2, opt2, tmp_path / "resumed")
     t2.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
     assert all(float(opt2.state[x]["step"]) == 6 for pair in lora_pairs(model2) for x in pair)
     for (a, b), (a2, b2) in zip(pairs, lora_pairs(model2)):

@@ -246,17 +246,22 @@ def test_matmul_inverse_square_root_near_a_multiple_of_identity(p, batch, spread
     assert err <= 8 * p * torch.finfo(dtype).eps
 
 
-@given(st.integers(1, 24), st.integers(0, 24), st.sampled_from([(), (2,)]), st.floats(1e-4, 2.0),
-       st.sampled_from([torch.float64, torch.float32]), st.integers(0, 2**31 - 1))
-def test_polar_retraction_equals_the_eigh_route(p, extra, batch, size, dtype, seed):
-    """retract_polar (series near the manifold, eigh otherwise) equals the previous eigh route to
-    rounding, and lands within τ = 8√p·ε_mach; polar_coefficients likewise (the fused kernels' K)."""
+def _point_and_step(p, extra, batch, size, dtype, seed):
+    """X on St(p + extra, p) and a tangent V with ‖V‖₂ = size (drawn in float64, cast to dtype)."""
     n = p + extra
     gen = torch.Generator().manual_seed(seed)
     x = F.random_point(*batch, n, p, dtype=torch.float64, generator=gen)
     v = F.proj_tangent(x, torch.randn(*batch, n, p, generator=gen, dtype=torch.float64))
     v = size * v / torch.linalg.matrix_norm(v, ord=2)[..., None, None].clamp_min(1e-300)
-    x, v = x.to(dtype), v.to(dtype)
+    return x.to(dtype), v.to(dtype)
+
+
+@given(st.integers(1, 24), st.integers(0, 24), st.sampled_from([(), (2,)]), st.floats(1e-4, 2.0),
+       st.sampled_from([torch.float64, torch.float32]), st.integers(0, 2**31 - 1))
+def test_polar_retraction_equals_the_eigh_route(p, extra, batch, size, dtype, seed):
+    """retract_polar (series near the manifold, eigh otherwise) equals the previous eigh route to
+    rounding, and lands within τ = 8√p·ε_mach; polar_coefficients likewise (the fused kernels' K)."""
+    x, v = _point_and_step(p, extra, batch, size, dtype, seed)
     got = F.retract_polar(x, v)
     want = ref_polar(x + v)
     tol = TOL[dtype]
@@ -302,12 +307,7 @@ def test_polar_falls_back_to_eigh_far_from_the_manifold_and_on_non_finite_input(
 def test_qr_retraction_equals_householder(p, extra, batch, size, dtype, seed):
     """retract_qr (one CholeskyQR pass near the manifold, Householder otherwise) equals the sign-fixed
     Householder Q factor to rounding and lands within τ."""
-    n = p + extra
-    gen = torch.Generator().manual_seed(seed)
-    x = F.random_point(*batch, n, p, dtype=torch.float64, generator=gen)
-    v = F.proj_tangent(x, torch.randn(*batch, n, p, generator=gen, dtype=torch.float64))
-    v = size * v / torch.linalg.matrix_norm(v, ord=2)[..., None, None].clamp_min(1e-300)
-    x, v = x.to(dtype), v.to(dtype)
+    x, v = _point_and_step(p, extra, batch, size, dtype, seed)
     got = F.retract_qr(x, v)
     want = F._sign_fixed_qr(x + v)
     assert float((got - want).abs().max()) <= TOL[dtype]

@@ -10,6 +10,8 @@ import torch
 import stiefel_opt.functional as F
 from stiefel_opt import Stiefel, StiefelParameter, landing, riemannian
 
+from _trainer import tiny_trainer
+
 
 def _params():
     torch.manual_seed(0)
@@ -139,7 +141,7 @@ def test_hf_trainer_resumes_a_wrapped_adamw_with_group_declared_stiefel_params(t
     """Trainer(optimizers=(riemannian(AdamW(groups with "manifold"))...)): the checkpoint's optimizer.pt
     loads with torch.load(weights_only=True) and the resumed run equals the uninterrupted one."""
     pytest.importorskip("transformers")
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     def build():
         torch.manual_seed(0)
@@ -156,24 +158,15 @@ def test_hf_trainer_resumes_a_wrapped_adamw_with_group_declared_stiefel_params(t
                                  {"params": others, "weight_decay": 0.01}], lr=3e-2)
         return model, riemannian(opt), stiefel
 
-    row = torch.randint(1, 32, (12,), generator=torch.Generator().manual_seed(3))
-    data = [{"input_ids": row, "labels": row}] * 8
-
-    def trainer(model, opt, out):
-        args = TrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=8,
-                                 learning_rate=3e-2, lr_scheduler_type="linear", logging_steps=1,
-                                 save_strategy="steps", save_steps=3, report_to="none", use_cpu=True,
-                                 disable_tqdm=True, dataloader_num_workers=0, seed=0)
-        return Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, opt, stiefel = build()
-        trainer(model, opt, tmp_path / "full").train()
+        tiny_trainer(model, opt, tmp_path / "full").train()
         saved = torch.load(tmp_path / "full" / "checkpoint-3" / "optimizer.pt", weights_only=True)
         assert saved["param_groups"][0]["manifold"]["manifold"] == "stiefel"
         model2, opt2, stiefel2 = build()
-        trainer(model2, opt2, tmp_path / "resumed").train(
+        tiny_trainer(model2, opt2, tmp_path / "resumed").train(
             resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
     assert isinstance(opt2.param_groups[0]["manifold"], Stiefel)
     assert all(float(opt2.state[w]["step"]) == 6 for w in stiefel2)
