@@ -1,8 +1,13 @@
 import os
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# Triton kernels run in its CPU interpreter in this test session (tests/test_kernels.py). Set before any
+# module is imported: a kernel decorated before the variable is set would compile for a GPU instead,
+# whichever test module happens to import the kernels first.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "default",

@@ -1,8 +1,8 @@
 """Fused Triton kernels (stiefel_opt.kernels) against their torch references in functional.
 
-The kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 is set here, at import, before
-the kernel module is first loaded (it stays set for this test process: the interpreter reads it
-at every launch). Shapes are small and examples few — the interpreter is slow.
+The kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 is set by tests/conftest.py before
+any module is imported (it stays set for the test process). Shapes are small and examples few — the
+interpreter is slow.
 """
 import contextlib
 import importlib
@@ -11,14 +11,12 @@ import subprocess
 import sys
 import textwrap
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from stiefel_opt import functional as F  # noqa: E402
+from stiefel_opt import functional as F
 
 pytest.importorskip("triton")
 K = importlib.import_module("stiefel_opt.kernels")

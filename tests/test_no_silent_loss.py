@@ -351,3 +351,22 @@ def test_landing_wrapper_rejects_bad_lam_like_the_optimizers(lam):
     w, _ = _problem()
     with pytest.raises(ValueError, match="lam"):
         so.landing(torch.optim.AdamW([{"params": [w], "manifold": "stiefel", "weight_decay": 0.0}]), lam=lam)
+
+
+@pytest.mark.parametrize("cls", OPTS)
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "momentum_buffer"])
+def test_state_corrupted_in_memory_shows_in_the_result_and_is_skipped(cls, key):
+    """A NaN/inf written into a moment between steps (not through load_state_dict) never reaches the
+    parameter: the matrix is skipped with its state restored, the other matrix steps."""
+    w, e = _problem()
+    opt = cls([{"params": [w], "manifold": "stiefel"}], lr=0.05, **KW[cls])
+    _step(opt, w, e)
+    if key not in opt.state[w]:
+        pytest.skip(f"{cls.__name__} keeps no {key}")
+    with torch.no_grad():
+        opt.state[w][key][1].fill_(float("inf"))
+    w0 = w.detach().clone()
+    with pytest.warns(RuntimeWarning, match="1 of 2 matrices of parameter 0"):
+        _step(opt, w, e)
+    assert torch.equal(w[1], w0[1]) and not torch.equal(w[0], w0[0])
+    assert torch.isfinite(w).all()

@@ -279,6 +279,10 @@ class StiefelOptimizer:
     _EXTRA: tuple[str, ...] = ()
     _SCALAR_KEYS: tuple[str, ...] = ()
     _STATE_KEYS: tuple[str, ...] = ()  # what a parameter's state may hold besides master/nonfinite_skips
+    # state a non-finite value of which need not show in X⁺: checked besides X⁺ after each update. A
+    # momentum buffer or first moment enters the direction, so a NaN/inf in it shows in X⁺; an
+    # overflowing second moment only zeroes the direction (m/√v) and must be checked itself.
+    _UNSEEN_STATE: tuple[str, ...] = ()
     _POINT_SET = False  # True: any geoopt Stiefel parameter is stepped as ours (see param_manifold)
 
     def _manifold_of(self, group: dict, p: Tensor):
@@ -475,9 +479,16 @@ class StiefelOptimizer:
         if any_bad:
             rollback()
             bad_grad = nonfinite_matrices(g)
-            bad_in = _dist.agree(bad_grad | nonfinite_matrices(x), b.layout)
+            bad_in = bad_grad | nonfinite_matrices(x)
+            for t in stacks.values():
+                if t is not None:
+                    bad_in |= nonfinite_matrices(t)  # a state corrupted since the last step
+            bad_in = _dist.agree(bad_in, b.layout)
             x_new, bad = x, None
             if bool(bad_in.any()):  # mask the bad inputs out and try the others again
+                for t in stacks.values():
+                    if t is not None:
+                        t[bad_in] = 0.0  # their rows are restored from the backup below
                 x_new, bad = self._attempt(group, b, fn, _ensure_finite_points(x, bad_in),
                                            g.masked_fill(bad_in[:, None, None], 0.0), stacks)
             if bad is None:  # a factorization fails on finite input: the whole bucket
@@ -503,9 +514,9 @@ class StiefelOptimizer:
         except torch.linalg.LinAlgError:
             return x, None
         total = x_new.sum(dim=(-2, -1))
-        for t in stacks.values():
-            if t is not None:
-                total = total + t.sum(dim=(-2, -1))
+        for k in self._UNSEEN_STATE:
+            if stacks.get(k) is not None:
+                total = total + stacks[k].sum(dim=(-2, -1))
         return x_new, ~total.isfinite()
 
     def _stalled(self, b: _Bucket, x: Tensor, x_new: Tensor, bad: Tensor) -> Tensor:
@@ -535,7 +546,9 @@ class StiefelOptimizer:
         return x_new
 
     def _report_nonfinite(self, group: dict, b: _Bucket, bad: Tensor, bad_grad: Tensor, failed: bool) -> None:
-        what = "non-finite gradient" if bool((bad == bad_grad).all()) else "non-finite gradient, parameter or update"
+        what = "non-finite gradient"
+        if not bool((bad == bad_grad).all()):
+            what += ", parameter, state or update"
         if failed:
             what += " (a factorization failed)"
         where = b.describe(bad)
@@ -770,6 +783,7 @@ class AdamFamily(StiefelOptimizer):
 
     _SCALAR_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
     _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _UNSEEN_STATE = ("exp_avg_sq", "max_exp_avg_sq")
 
     def _bucket_tag(self, group: dict, state: dict):
         return int(state["step"]) if "step" in state else 0
