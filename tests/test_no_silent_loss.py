@@ -353,16 +353,14 @@ def test_landing_wrapper_rejects_bad_lam_like_the_optimizers(lam):
         so.landing(torch.optim.AdamW([{"params": [w], "manifold": "stiefel", "weight_decay": 0.0}]), lam=lam)
 
 
-@pytest.mark.parametrize("cls", OPTS)
-@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "momentum_buffer"])
+@pytest.mark.parametrize("cls,key", [(c, k) for c in OPTS for k in
+                                     (("momentum_buffer",) if "SGD" in c.__name__ else ("exp_avg", "exp_avg_sq"))])
 def test_state_corrupted_in_memory_shows_in_the_result_and_is_skipped(cls, key):
     """A NaN/inf written into a moment between steps (not through load_state_dict) never reaches the
     parameter: the matrix is skipped with its state restored, the other matrix steps."""
     w, e = _problem()
     opt = cls([{"params": [w], "manifold": "stiefel"}], lr=0.05, **KW[cls])
     _step(opt, w, e)
-    if key not in opt.state[w]:
-        pytest.skip(f"{cls.__name__} keeps no {key}")
     with torch.no_grad():
         opt.state[w][key][1].fill_(float("inf"))
     w0 = w.detach().clone()
