@@ -368,3 +368,14 @@ def test_state_corrupted_in_memory_shows_in_the_result_and_is_skipped(cls, key):
         _step(opt, w, e)
     assert torch.equal(w[1], w0[1]) and not torch.equal(w[0], w0[0])
     assert torch.isfinite(w).all()
+
+
+def test_stabilize_edit_caught_before_anything_is_written():
+    w, e = _problem()
+    opt = so.RiemannianAdam([{"params": [w], "manifold": "stiefel"}, {"params": [e]}], lr=0.01, stabilize=2)
+    _step(opt, w, e)
+    opt.param_groups[0]["stabilize"] = 0
+    before = _snapshot(opt, [w, e])
+    with pytest.raises(ValueError, match="stabilize"):
+        _step(opt, w, e)
+    _assert_same(before, _snapshot(opt, [w, e]))

@@ -54,7 +54,6 @@ STEP_FUNCTIONS: dict[str, dict[str, Callable]] = {
 """Backend → {step name → batched step function}: ``"torch"`` holds the ``*_update`` functions of
 :mod:`stiefel_opt.functional`, ``"triton"`` is :data:`kernels.FUSED_STEPS` (same contracts)."""
 
-_LOW = (torch.float16, torch.bfloat16)
 _GeooptStiefel = _geoopt.manifolds.stiefel.Stiefel
 _GeooptCanonical = _geoopt.manifolds.stiefel.CanonicalStiefel
 _UNSUPPORTED_ON_MANIFOLD = ("fused", "differentiable", "capturable")
@@ -430,7 +429,7 @@ class StiefelOptimizer:
             mat = m.to_matrix(p_loc)
             mshape = tuple(mat.shape[-2:])
             state = self.state[p] if p in self.state else {}
-            low = p.dtype in _LOW
+            low = p.dtype in F._LOW_PRECISION
             master = low and group["master_weights"] is not False
             key = (mshape, p.dtype, p.device, m.metric, retraction, m.ndim, master, self._bucket_tag(group, state),
                    layout)
@@ -638,7 +637,7 @@ class StiefelOptimizer:
         sd = adopted["sd"]
         for sg, g in zip(sd["param_groups"], self.param_groups):
             for sid, p in zip(sg["params"], g["params"]):
-                if p.dtype in _LOW and self._manifold_of(g, p) is not None:
+                if p.dtype in F._LOW_PRECISION and self._manifold_of(g, p) is not None:
                     for k, v in sd["state"].get(sid, {}).items():
                         if k != "step" and isinstance(v, Tensor) and v.dtype == torch.float32:
                             self.state[p][k] = v.to(device=p.device)

@@ -27,13 +27,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import functional as F
 from .._geoopt import Manifold
 from .._geoopt import geoopt as _geoopt
 from ..manifolds import is_stiefel
 
 __all__ = ["is_foreign", "check_foreign", "check_own_manifolds", "foreign_updates", "group_index"]
 
-_LOW = (torch.float16, torch.bfloat16)
 
 
 def is_foreign(manifold) -> bool:
@@ -75,7 +75,7 @@ def check_foreign(opt, group: dict, i: int, p: Tensor) -> None:
             f"{where}: decoupled_weight_decay scales the point off its manifold; use weight_decay with "
             "decoupled_weight_decay=False (decay added to the gradient, as geoopt does)"
         )
-    if p.dtype in _LOW or not p.is_floating_point() or p.is_complex():
+    if p.dtype in F._LOW_PRECISION or not p.is_floating_point() or p.is_complex():
         raise ValueError(f"{where}: dtype {p.dtype} is not supported on a geoopt manifold; keep it in "
                          "float32 or float64")
 

@@ -18,7 +18,6 @@ from ..manifolds import Stiefel
 
 __all__ = ["project_stiefel_"]
 
-_LOW = (torch.float16, torch.bfloat16)
 
 
 def _describe(optimizer, group: dict, gi: int, pi: int, p: Tensor) -> str:

@@ -38,7 +38,6 @@ from .. import functional as F
 
 __all__ = ["LoRARITE"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _is_pair(item: Any) -> bool:
@@ -352,7 +351,7 @@ class LoRARITE(torch.optim.Optimizer):
         rows."""
         a0, b0, (_, _, la), (_, _, lb) = items[0]
         r, n_in, n_out = a0.shape[0], a0.shape[1], b0.shape[0]
-        cdt = torch.float32 if a0.dtype in _LOW_PRECISION else a0.dtype
+        cdt = torch.float32 if a0.dtype in F._LOW_PRECISION else a0.dtype
         a_params = [a for a, *_ in items]
         b_params = [b for _, b, *_ in items]
         xa, ga = self._stack([fa for *_, fa, _ in items], la, cdt)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import ParamsT
 
+from .. import functional as F
 from ._base import AdamFamily, SGDFamily, param_manifold
 from ._foreign import check_own_manifolds, group_index
 
 __all__ = ["RiemannianSGD", "RiemannianAdam"]
 
-_LOW = (torch.float16, torch.bfloat16)
 
 
 class _Stabilize:
@@ -22,13 +22,18 @@ class _Stabilize:
 
     _TANGENT = ""
 
+    def _check_options(self, group: dict) -> None:
+        super()._check_options(group)
+        k = group["stabilize"]
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"{type(self).__name__}: param group {group_index(self, group)}: stabilize must "
+                             f"be None or a positive int, got {k!r}")
+
     def _check_group(self, group: dict) -> None:
         check_own_manifolds(self, group)
         super()._check_group(group)
         k = group["stabilize"]
         where = f"{type(self).__name__}: param group {group_index(self, group)}"
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-            raise ValueError(f"{where}: stabilize must be None or a positive int, got {k!r}")
         if k is not None:
             from torch.distributed.tensor import DTensor
 
@@ -52,7 +57,7 @@ class _Stabilize:
             if m is None or not (state or self._TANGENT == "momentum_buffer"):
                 continue  # geoopt's Adam leaves never-stepped parameters alone, its SGD does not
             x = state.get("master", p)
-            x.copy_(m.projx(x.float() if x.dtype in _LOW else x))
+            x.copy_(m.projx(x.float() if x.dtype in F._LOW_PRECISION else x))
             if x is not p:
                 p.copy_(x)
             t = state.get(self._TANGENT)

@@ -53,7 +53,6 @@ TANGENT_STATE_KEYS = ("exp_avg", "momentum_buffer", "grad_avg")
 transported to the new point X⁺ after each step, M ↦ P_{X⁺}(M) = M − X⁺ sym(X⁺ᵀM)
 (:func:`~stiefel_opt.functional.proj_tangent`)."""
 
-_LOW = (torch.float16, torch.bfloat16)
 FIELDS = ("relative", "polar")
 """``field`` conventions of :func:`landing`: ``relative`` Λ = ½(G·XᵀX − X·GᵀX) + λX(XᵀX − I) (the
 package's λ, as :class:`~stiefel_opt.LandingAdam`), ``polar`` (G·XᵀX − X·GᵀX) + λX(XᵀX − I) =
@@ -144,7 +143,7 @@ def _on_shards(fn, layout):
 
 def _gather(ts: list[Tensor], mshape) -> Tensor:
     """The stack of ``ts``' matrices, low precision computed in fp32."""
-    return stack_matrices(ts, mshape, torch.float32 if ts[0].dtype in _LOW else None)
+    return stack_matrices(ts, mshape, torch.float32 if ts[0].dtype in F._LOW_PRECISION else None)
 
 
 class _Wrap:
