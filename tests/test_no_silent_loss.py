@@ -379,3 +379,17 @@ def test_stabilize_edit_caught_before_anything_is_written():
     with pytest.raises(ValueError, match="stabilize"):
         _step(opt, w, e)
     _assert_same(before, _snapshot(opt, [w, e]))
+
+
+@pytest.mark.parametrize("spec", [{"manifold": "stiefel", "metric": "euclidean", "bogus": 1},
+                                  {"manifold": "sphere"}, {"manifold": "stiefel", "metric": "hyperbolic"}])
+def test_malformed_saved_manifold_spec_refused_naming_the_group(spec):
+    w, e = _problem()
+    opt = so.RiemannianAdam([{"params": [w], "manifold": "stiefel"}], lr=0.01)
+    _step(opt, w, e)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["manifold"] = spec
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="param group 0 has manifold"):
+        opt.load_state_dict(sd)
+    assert opt.state_dict() == before

@@ -612,7 +612,7 @@ class StiefelOptimizer:
     def state_dict(self):
         """torch's state dict, with a group's ``Stiefel`` stored as a plain dict (weights_only-safe);
         the conversion runs before any user state_dict post-hook."""
-        handle = self.register_state_dict_post_hook(_plain_manifolds, prepend=True)
+        handle = self.register_state_dict_post_hook(plain_manifolds, prepend=True)
         try:
             return super().state_dict()
         finally:
@@ -658,7 +658,7 @@ class StiefelOptimizer:
         for gi, (sg, cg) in enumerate(zip(saved_groups, self.param_groups)):
             sg = dict(sg)
             if "manifold" in sg:
-                saved = _stiefel_from_spec(sg["manifold"])
+                saved = stiefel_from_spec(sg["manifold"], f"{name}: param group {gi}")
                 if _spec_or_none(saved) != _spec_or_none(cg["manifold"]):
                     raise ValueError(
                         f"{name}: param group {gi} was saved with manifold {saved!r} but is declared with "
@@ -718,7 +718,7 @@ class StiefelOptimizer:
         return ()
 
 
-def _plain_manifolds(_, state_dict: dict) -> dict:
+def plain_manifolds(_, state_dict: dict) -> dict:
     """state_dict post-hook: each group's ``Stiefel`` as a plain dict spec (loads with weights_only)."""
     for g in state_dict["param_groups"]:
         if isinstance(g.get("manifold"), Stiefel):
@@ -730,13 +730,20 @@ def _spec_or_none(m: Stiefel | None) -> dict | None:
     return None if m is None else _manifold_spec(m)
 
 
-def _stiefel_from_spec(spec) -> Stiefel | None:
-    """The manifold a saved group names: None, ``"stiefel"``, a ``Stiefel`` or its plain dict spec."""
-    if isinstance(spec, dict):
-        spec = dict(spec)
-        spec.pop("manifold", None)
-        return Stiefel(**spec)
-    return as_stiefel(spec)
+def stiefel_from_spec(spec, where: str) -> Stiefel | None:
+    """The manifold a (possibly loaded) group names: what :func:`~stiefel_opt.manifolds.as_stiefel`
+    accepts, or the plain dict spec of a state dict; a malformed spec raises ``ValueError`` naming
+    ``where``."""
+    if not isinstance(spec, dict):
+        return as_stiefel(spec)
+    fields = {k: v for k, v in spec.items() if k != "manifold"}
+    if spec.get("manifold") != "stiefel" or set(fields) - {"metric", "retraction", "ndim"}:
+        raise ValueError(f"{where} has manifold {spec!r}: expected {{'manifold': 'stiefel', 'metric': ..., "
+                         "'retraction': ..., 'ndim': ...}")
+    try:
+        return Stiefel(**fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where} has manifold {spec!r}: {err}") from None
 
 
 class SGDFamily(StiefelOptimizer):

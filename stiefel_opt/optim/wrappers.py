@@ -40,9 +40,9 @@ from torch import Tensor
 
 from .. import distributed as _dist
 from .. import functional as F
-from ..manifolds import Stiefel, as_stiefel
-from ._base import (StiefelOptimizer, _manifold_spec, nonfinite_matrices, param_manifold, stack_matrices,
-                    unstack_into)
+from ..manifolds import Stiefel
+from ._base import (StiefelOptimizer, _manifold_spec, nonfinite_matrices, param_manifold, plain_manifolds,
+                    stack_matrices, stiefel_from_spec, unstack_into)
 from ._project import project_stiefel_
 from .landing import MAX_LAM
 
@@ -62,18 +62,7 @@ package's λ, as :class:`~stiefel_opt.LandingAdam`), ``polar`` (G·XᵀX − X·
 def _group_manifold(group: dict, where: str) -> Stiefel | None:
     """The group's declared manifold as a ``Stiefel`` (or None), normalized in place: accepts what
     :func:`~stiefel_opt.manifolds.as_stiefel` does and the plain dict of a state dict."""
-    m = group.get("manifold")
-    if isinstance(m, dict):
-        spec = {k: v for k, v in m.items() if k != "manifold"}
-        if m.get("manifold") != "stiefel" or set(spec) - {"metric", "retraction", "ndim"}:
-            raise ValueError(f"{where} has manifold {m!r}: expected {{'manifold': 'stiefel', 'metric': ..., "
-                             "'retraction': ..., 'ndim': ...}")
-        try:
-            m = Stiefel(**spec)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where} has manifold {m!r}: {err}") from None
-    else:
-        m = as_stiefel(m)
+    m = stiefel_from_spec(group.get("manifold"), where)
     if "manifold" in group:
         group["manifold"] = m
     return m
@@ -252,13 +241,6 @@ class _Wrap:
                 continue
             unstack_into(ts, _on_shards(F.proj_tangent, layout)(y, _gather(ts, mshape)))
 
-    def state_dict_post(self, optimizer, state_dict):
-        """Each group's ``Stiefel`` becomes its plain-dict spec (the groups are fresh copies)."""
-        for group in state_dict["param_groups"]:
-            if isinstance(group.get("manifold"), Stiefel):
-                group["manifold"] = _manifold_spec(group["manifold"])
-        return state_dict
-
     def load_pre(self, optimizer, state_dict):
         """A copy of ``state_dict`` whose groups hold ``Stiefel`` objects (a group without a manifold
         keeps the current group's), checked like the groups at wrapping; the argument is not changed."""
@@ -359,7 +341,7 @@ def _attach(optimizer, wrap: _Wrap):
         )
     wrap.check_groups([(g, g["params"]) for g in optimizer.param_groups])
     wrap.handles = [optimizer.register_step_pre_hook(wrap.pre), optimizer.register_step_post_hook(wrap.post),
-                    optimizer.register_state_dict_post_hook(wrap.state_dict_post, prepend=True),  # others see the spec
+                    optimizer.register_state_dict_post_hook(plain_manifolds, prepend=True),  # others see the spec
                     optimizer.register_load_state_dict_pre_hook(wrap.load_pre)]
     optimizer.stiefel_handle = StiefelHandle(optimizer, wrap)
     optimizer.__deepcopy__ = functools.partial(_deepcopy_wrapped, optimizer)
