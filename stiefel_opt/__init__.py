@@ -15,6 +15,7 @@ from .adapters import (
     load_adapters,
     merge_and_unload,
     param_groups,
+    register_adapter,
     save_adapters,
 )
 from .diagnostics import adapter_report, feasibility, stable_rank
@@ -45,6 +46,7 @@ __all__ = [
     "load_adapters",
     "export_peft",
     "param_groups",
+    "register_adapter",
     "stable_rank",
     "feasibility",
     "adapter_report",

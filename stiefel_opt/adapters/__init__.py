@@ -1,4 +1,5 @@
-"""Geometric low-rank adapters: LoRA, DoRA, PoLAR, StelLA, SymLoRA.
+"""Geometric low-rank adapters: LoRA, DoRA, PoLAR, StelLA, SymLoRA, and any method added with
+:func:`register_adapter` (an ``AdapterLayer`` subclass under a name).
 
 Layers wrap a frozen ``nn.Linear``/``Conv1D``; Stiefel factors are ``StiefelParameter``s, so any
 optimizer of :mod:`stiefel_opt.optim` (or geoopt) sees ordinary constrained parameters.
@@ -11,9 +12,9 @@ peft, transformers and safetensors are imported only by the functions that need 
     save_adapters(model, "ckpt")                     # our format (factors)
     export_peft(model, "peft_ckpt")                  # plain PEFT LoRA, exact (lora_alpha = r)
 """
+from .base import METHODS, register_adapter
 from .groups import param_groups
 from .inject import (
-    METHODS,
     AdapterConfig,
     adapter_config,
     adapter_layers,
@@ -29,6 +30,7 @@ from .monitor import AdapterMonitor
 
 __all__ = [
     "METHODS",
+    "register_adapter",
     "AdapterConfig",
     "AdapterLayer",
     "LoraLayer",

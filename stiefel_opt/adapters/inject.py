@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import LAYERS, AdapterLayer, LoraLayer, is_conv1d
+from .base import METHODS, AdapterLayer, adapter_class, is_conv1d
+from .layers import LoraLayer
 
 __all__ = [
     "AdapterConfig",
@@ -30,9 +31,6 @@ __all__ = [
     "merge_and_unload",
 ]
 
-METHODS = tuple(LAYERS)
-"""The adapter methods ``AdapterConfig(method=...)`` accepts, one layer class each:
-``"lora"``, ``"dora"``, ``"polar"``, ``"stella"``, ``"symlora"``."""
 _CONFIG_ATTR = "_stiefel_adapter_config"
 
 
@@ -41,16 +39,18 @@ class AdapterConfig:
     """What to inject and where. Field names and semantics follow PEFT's ``LoraConfig``.
 
     Args:
-        method: ``"lora"``, ``"dora"``, ``"polar"``, ``"stella"`` or ``"symlora"``.
+        method: a registered method (:data:`METHODS`): ``"lora"``, ``"dora"``, ``"polar"``,
+            ``"stella"``, ``"symlora"`` or one added with :func:`register_adapter`.
         r: rank; ``lora_alpha``: scale numerator, s = α/r (α/√r with ``use_rslora``).
         lora_dropout: dropout on the adapter's input.
         target_modules: regex string, list of names/suffixes, or ``"all-linear"`` (required).
         exclude_modules: regex string or list of names/suffixes never wrapped.
         modules_to_save: modules (names or suffixes) left trainable and saved whole, e.g. a head.
-        init: ``"default"`` (every method), ``"gaussian"`` (lora/dora), ``"svd"`` (polar/stella:
-            factors from the top-r singular vectors of W).
-        core: polar/stella/symlora core, ``"full"`` (r×r) or ``"diag"``; None takes the method's
-            default (full for polar/stella, diag for symlora).
+        init: one of the method's ``inits``: ``"default"`` (every method), ``"gaussian"``
+            (lora/dora), ``"svd"`` (polar/stella: factors from the top-r singular vectors of W).
+        core: one of the method's ``cores``: for polar/stella/symlora ``"full"`` (r×r) or
+            ``"diag"``; None takes the method's ``default_core`` (full for polar/stella, diag for
+            symlora).
     """
 
     method: str
@@ -65,8 +65,7 @@ class AdapterConfig:
     core: str | None = None
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"AdapterConfig: method must be one of {METHODS}, got {self.method!r}")
+        layer_class = adapter_class(self.method)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"AdapterConfig: r must be a positive int, got {self.r!r}")
         for name in ("lora_alpha", "lora_dropout"):
@@ -84,14 +83,7 @@ class AdapterConfig:
                 "AdapterConfig: target_modules is required: a regex string, a list of module names "
                 "or suffixes (e.g. ['q_proj', 'v_proj']), or 'all-linear'"
             )
-        allowed = LAYERS[self.method].inits
-        if self.init not in allowed:
-            raise ValueError(f"AdapterConfig: init for {self.method!r} must be one of {allowed}, got {self.init!r}")
-        if self.core is not None:
-            if self.method in ("lora", "dora"):
-                raise ValueError(f"AdapterConfig: core applies to polar/stella/symlora, not {self.method!r}")
-            if self.core not in ("full", "diag"):
-                raise ValueError(f"AdapterConfig: core must be 'full' or 'diag', got {self.core!r}")
+        layer_class.check_options(self.init, self.core, "AdapterConfig")
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, (tuple, set)):
@@ -254,12 +246,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 "Conv1D only — narrow target_modules or add it to exclude_modules"
             )
     saved = _saved_modules(model, config.modules_to_save)
-    cls = LAYERS[config.method]
-    new_layers = [
-        (name, cls(m, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, name,
-                   init=config.init, core=config.core))
-        for name, m in targets
-    ]
+    cls = adapter_class(config.method, "inject_adapters")
+    new_layers = [(name, cls.from_config(m, config, name)) for name, m in targets]
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in new_layers:

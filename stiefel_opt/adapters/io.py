@@ -36,7 +36,8 @@ from .inject import (
     adapter_layers,
     inject_adapters,
 )
-from .layers import LAYERS, AdapterLayer, DoraLayer
+from .base import AdapterLayer, adapter_class
+from .layers import DoraLayer
 
 __all__ = ["adapter_state_dict", "save_adapters", "load_adapters", "export_peft", "peft_state_dict"]
 
@@ -185,9 +186,8 @@ def _planned(model: nn.Module, config: AdapterConfig, targets: list[str], cfg_pa
         if _in_saved(name, config.modules_to_save):
             raise ValueError(f"load_adapters: {cfg_path}: target {name!r} lies inside a modules_to_save entry")
         try:
-            layers[name] = LAYERS[config.method](
-                _meta_twin(modules[name]), config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
-                name, init="default", core=config.core)
+            layers[name] = adapter_class(config.method).from_config(
+                _meta_twin(modules[name]), config, name, shapes_only=True)
         except (TypeError, ValueError) as err:
             raise type(err)(f"load_adapters: {cfg_path}: {err}") from None
     return _saved_params(model, layers, config)
