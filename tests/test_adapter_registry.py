@@ -1,7 +1,9 @@
 """The open adapter registry: ``register_adapter``, a layer class's option schema, and a registered
 method working with inject, merge, save, load and export_peft."""
+import ast
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,9 @@ from stiefel_opt.adapters import (
     METHODS,
     AdapterConfig,
     AdapterLayer,
+    AdapterState,
     adapter_layers,
+    adapter_state_dict,
     export_peft,
     inject_adapters,
     load_adapters,
@@ -180,3 +184,29 @@ def test_checkpoint_of_an_unregistered_method_is_refused_before_the_model_is_tou
     assert not adapter_layers(model) and so.adapters.adapter_config(model) is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert "scaled" not in METHODS  # loading registers nothing
+
+
+# --- the owner object of an adapted model's state --------------------------------------------------
+def test_adapter_state_is_stored_on_the_model_and_owns_its_names():
+    cfg = AdapterConfig("polar", r=2, target_modules=["q_proj", "layers.1.v_proj"], modules_to_save=["head"])
+    model = inject_adapters(Toy(), cfg)
+    state = AdapterState.of(model)
+    assert state.config is cfg and so.adapters.adapter_config(model) is cfg
+    assert state.targets == ("layers.0.q_proj", "layers.1.q_proj", "layers.1.v_proj") == tuple(state.layers(model))
+    assert [n for n, _ in state.saved_modules(model)] == ["head"] and state.is_saved("head")
+    assert state.parameters(model).keys() == adapter_state_dict(model).keys()
+    twin = copy.deepcopy(model)  # names, not modules: the copy's state describes the copy
+    assert AdapterState.of(twin) is not state and AdapterState.of(twin).targets == state.targets
+    assert all(a is twin.get_submodule(n) for n, a in AdapterState.of(twin).layers(twin).items())
+    merge_and_unload(model)
+    assert AdapterState.of(model) is None and AdapterState.of(twin) is not None
+    assert AdapterState.of(Toy()) is None
+    with pytest.raises(ValueError, match="save_adapters: Toy has no adapters"):
+        AdapterState.require(Toy(), "save_adapters")
+
+
+def test_io_uses_only_public_names_of_the_other_adapter_modules():
+    io = Path(base.__file__).with_name("io.py")
+    private = [(node.module, a.name) for node in ast.walk(ast.parse(io.read_text()))
+               if isinstance(node, ast.ImportFrom) and node.level == 1 for a in node.names if a.name.startswith("_")]
+    assert not private, private

@@ -11,6 +11,7 @@ from test_adapters import Toy, randomize, tiny_bert, tiny_gpt2
 from stiefel_opt.adapters import (
     METHODS,
     AdapterConfig,
+    AdapterState,
     adapter_layers,
     adapter_state_dict,
     export_peft,
@@ -89,7 +90,7 @@ def test_mismatched_model_raises_and_loads_nothing(tmp_path):
     wider = Wider()
     with pytest.raises(ValueError, match=r"shape mismatch.*q_proj\.X model \(12, 2\) vs checkpoint \(8, 2\)"):
         load_adapters(wider, tmp_path)
-    assert not adapter_layers(wider) and not hasattr(wider, "_stiefel_adapter_config")  # injection undone
+    assert not adapter_layers(wider) and AdapterState.of(wider) is None  # injection undone
     assert all(p.requires_grad for p in wider.parameters())
     assert type(wider.layers[0].q_proj) is torch.nn.Linear
     with pytest.raises(ValueError, match="not found"):

@@ -16,7 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_adapters import Toy, randomize
 
-from stiefel_opt.adapters import AdapterConfig, adapter_layers, adapter_state_dict, inject_adapters, load_adapters
+from stiefel_opt.adapters import (
+    AdapterConfig,
+    AdapterState,
+    adapter_layers,
+    adapter_state_dict,
+    inject_adapters,
+    load_adapters,
+)
 from stiefel_opt.adapters.io import CONFIG_NAME, WEIGHTS_NAME, save_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +69,7 @@ def rewrite_weights(tmp_path, fn):
 
 
 def assert_untouched(model, before):
-    assert not adapter_layers(model) and not hasattr(model, "_stiefel_adapter_config")
+    assert not adapter_layers(model) and AdapterState.of(model) is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
 

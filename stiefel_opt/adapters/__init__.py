@@ -16,6 +16,7 @@ from .base import METHODS, register_adapter
 from .groups import param_groups
 from .inject import (
     AdapterConfig,
+    AdapterState,
     adapter_config,
     adapter_layers,
     inject_adapters,
@@ -32,6 +33,7 @@ __all__ = [
     "METHODS",
     "register_adapter",
     "AdapterConfig",
+    "AdapterState",
     "AdapterLayer",
     "LoraLayer",
     "DoraLayer",

@@ -15,13 +15,14 @@ import numbers
 import re
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from .base import METHODS, AdapterLayer, adapter_class, is_conv1d
 from .layers import LoraLayer
 
 __all__ = [
     "AdapterConfig",
+    "AdapterState",
     "METHODS",
     "inject_adapters",
     "adapter_layers",
@@ -31,7 +32,7 @@ __all__ = [
     "merge_and_unload",
 ]
 
-_CONFIG_ATTR = "_stiefel_adapter_config"
+_STATE_ATTR = "_stiefel_adapter_state"
 
 
 @dataclass
@@ -215,17 +216,84 @@ def lora_pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
 
 def adapter_config(model: nn.Module) -> AdapterConfig | None:
     """The config ``model`` was injected with, or None."""
-    return getattr(model, _CONFIG_ATTR, None)
+    state = AdapterState.of(model)
+    return None if state is None else state.config
 
 
-def _saved_modules(model: nn.Module, saved) -> list[tuple[str, nn.Module]]:
-    found = []
-    for m in saved or ():
-        hits = [(n, mod) for n, mod in model.named_modules() if n == m or n.endswith("." + m)]
-        if not hits:
-            raise ValueError(f"inject_adapters: modules_to_save entry {m!r} matches no module of {type(model).__name__}")
-        found += hits
-    return found
+class AdapterState:
+    """The owner of an adapted model's adapter state, stored on the model by
+    :func:`inject_adapters`: the ``config``, the wrapped module names (``targets``, sorted) and
+    through the config the ``modules_to_save`` entries. It holds names, not modules, so a copy of
+    the model carries a valid state. Saving, loading and exporting use only these methods."""
+
+    def __init__(self, config: AdapterConfig, targets):
+        self.config = config
+        self.targets = tuple(sorted(targets))
+
+    @staticmethod
+    def of(model: nn.Module) -> "AdapterState | None":
+        """The state of ``model`` (None when it has no adapters injected)."""
+        state = getattr(model, _STATE_ATTR, None)
+        return state if isinstance(state, AdapterState) else None
+
+    @classmethod
+    def require(cls, model: nn.Module, who: str) -> "AdapterState":
+        """The state of ``model``; ``ValueError`` (prefixed ``who``) when it has no adapters."""
+        state = cls.of(model)
+        if state is None or not adapter_layers(model):
+            raise ValueError(f"{who}: {type(model).__name__} has no adapters; call inject_adapters(model, config) first")
+        return state
+
+    def layers(self, model: nn.Module) -> dict[str, AdapterLayer]:
+        """The adapter layers of ``model`` by module name."""
+        return adapter_layers(model)
+
+    def is_saved(self, name: str) -> bool:
+        """True when module ``name`` lies inside a ``modules_to_save`` entry (never wrapped)."""
+        return _in_saved(name, self.config.modules_to_save)
+
+    def saved_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The (name, module) pairs the ``modules_to_save`` entries match (names or suffixes);
+        ``ValueError`` for an entry that matches nothing."""
+        found = []
+        for m in self.config.modules_to_save or ():
+            hits = [(n, mod) for n, mod in model.named_modules() if n == m or n.endswith("." + m)]
+            if not hits:
+                raise ValueError(f"inject_adapters: modules_to_save entry {m!r} matches no module of "
+                                 f"{type(model).__name__}")
+            found += hits
+        return found
+
+    def build(self, modules: dict[str, nn.Module], *, shapes_only: bool = False) -> dict[str, AdapterLayer]:
+        """New layers of the registered ``config.method`` class around ``modules[name]`` for each
+        target, not attached to any model (``shapes_only``: see :meth:`AdapterLayer.from_config`)."""
+        cls = adapter_class(self.config.method)
+        return {name: cls.from_config(modules[name], self.config, name, shapes_only=shapes_only)
+                for name in self.targets}
+
+    def parameters(self, model: nn.Module, layers: dict[str, AdapterLayer] | None = None) -> dict[str, Tensor]:
+        """What a checkpoint holds, by name in ``model``: the parameters of the adapter ``layers``
+        (default: those of ``model``) except their base layers', and of the ``modules_to_save``."""
+        out: dict[str, Tensor] = {}
+        for lname, layer in (self.layers(model) if layers is None else layers).items():
+            for pname, p in layer.named_parameters():
+                if not pname.startswith("base_layer."):
+                    out[f"{lname}.{pname}"] = p
+        for mname, mod in self.saved_modules(model):
+            for pname, p in mod.named_parameters():
+                out[f"{mname}.{pname}"] = p
+        return out
+
+    def unload(self, model: nn.Module, *, merge: bool, safe_merge: bool = False) -> nn.Module:
+        """Put the base layers of ``model`` back (after merging ΔW into them when ``merge``) and
+        remove this state from it; returns ``model``."""
+        for name, layer in self.layers(model).items():
+            if merge and not layer.merged:
+                layer.merge(safe_merge=safe_merge)
+            _set_submodule(model, name, layer.base_layer)
+        if getattr(model, _STATE_ATTR, None) is self:
+            delattr(model, _STATE_ATTR)
+        return model
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
@@ -245,12 +313,12 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 f"inject_adapters: {name} is a {type(m).__name__}; adapters wrap nn.Linear and transformers "
                 "Conv1D only — narrow target_modules or add it to exclude_modules"
             )
-    saved = _saved_modules(model, config.modules_to_save)
-    cls = adapter_class(config.method, "inject_adapters")
-    new_layers = [(name, cls.from_config(m, config, name)) for name, m in targets]
+    state = AdapterState(config, (name for name, _ in targets))
+    saved = state.saved_modules(model)
+    new_layers = state.build(dict(targets))
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, layer in new_layers:
+    for name, layer in new_layers.items():
         _set_submodule(model, name, layer)
         for pname, p in layer.named_parameters():
             if not pname.startswith("base_layer."):
@@ -258,7 +326,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for _, mod in saved:
         for p in mod.parameters():
             p.requires_grad_(True)
-    setattr(model, _CONFIG_ATTR, config)
+    setattr(model, _STATE_ATTR, state)
     return model
 
 
@@ -281,13 +349,7 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """Merge every adapter and put the base layers back: a plain model with W + ΔW."""
-    layers = adapter_layers(model)
-    if not layers:
+    if not adapter_layers(model):
         raise ValueError(f"merge_and_unload: {type(model).__name__} has no adapters")
-    for name, layer in layers.items():
-        if not layer.merged:
-            layer.merge(safe_merge=safe_merge)
-        _set_submodule(model, name, layer.base_layer)
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
-    return model
+    state = AdapterState.of(model) or AdapterState(None, ())
+    return state.unload(model, merge=True, safe_merge=safe_merge)

@@ -26,17 +26,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..manifolds import StiefelParameter, _tolerance
-from .inject import (
-    _CONFIG_ATTR,
-    AdapterConfig,
-    _in_saved,
-    _saved_modules,
-    _set_submodule,
-    adapter_config,
-    adapter_layers,
-    inject_adapters,
-)
-from .base import AdapterLayer, adapter_class
+from .inject import AdapterConfig, AdapterState, inject_adapters
 from .layers import DoraLayer
 
 __all__ = ["adapter_state_dict", "save_adapters", "load_adapters", "export_peft", "peft_state_dict"]
@@ -47,32 +37,10 @@ _FORMAT = 2
 _META_KEYS = frozenset({"format", "config", "targets", "weights_sha256", "stiefel_distance"})
 
 
-def _require_adapters(model: nn.Module, who: str):
-    layers = adapter_layers(model)
-    config = adapter_config(model)
-    if not layers or config is None:
-        raise ValueError(f"{who}: {type(model).__name__} has no adapters; call inject_adapters(model, config) first")
-    return layers, config
-
-
-def _saved_params(model: nn.Module, layers: dict[str, AdapterLayer], config: AdapterConfig) -> dict[str, Tensor]:
-    """The parameters a checkpoint holds, by name in ``model``: the adapters' own (not their base
-    layers') and those of the ``modules_to_save``."""
-    out: dict[str, Tensor] = {}
-    for lname, layer in layers.items():
-        for pname, p in layer.named_parameters():
-            if not pname.startswith("base_layer."):
-                out[f"{lname}.{pname}"] = p
-    for mname, mod in _saved_modules(model, config.modules_to_save):
-        for pname, p in mod.named_parameters():
-            out[f"{mname}.{pname}"] = p
-    return out
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Adapter and ``modules_to_save`` parameters, keyed by their names in ``model`` (detached)."""
-    layers, config = _require_adapters(model, "adapter_state_dict")
-    return {k: p.detach() for k, p in _saved_params(model, layers, config).items()}
+    state = AdapterState.require(model, "adapter_state_dict")
+    return {k: p.detach() for k, p in state.parameters(model).items()}
 
 
 def _plain(t: Tensor) -> Tensor:
@@ -110,7 +78,8 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     SHA-256 of the weights file, so a weights file from another save is refused at load."""
     from safetensors.torch import save
 
-    layers, config = _require_adapters(model, "save_adapters")
+    state = AdapterState.require(model, "save_adapters")
+    layers = state.layers(model)
     if any(layer.merged for layer in layers.values()):
         raise ValueError("save_adapters: some adapters are merged; unmerge_adapters(model) before saving")
     distances = []
@@ -123,7 +92,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
             distances.append(d)
     tensors = {k: _plain(v) for k, v in adapter_state_dict(model).items()}
     weights = save(tensors, metadata={"format": "pt"})
-    meta = {"format": _FORMAT, "config": config.to_dict(), "targets": sorted(layers),
+    meta = {"format": _FORMAT, "config": state.config.to_dict(), "targets": sorted(layers),
             "weights_sha256": _sha256(weights), "stiefel_distance": max(distances, default=0.0)}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -179,18 +148,17 @@ def _planned(model: nn.Module, config: AdapterConfig, targets: list[str], cfg_pa
     """The parameters (on the meta device: no memory) that injecting ``config`` into ``targets``
     would create, with the ``modules_to_save`` parameters: what the weights file must hold."""
     modules = dict(model.named_modules())
-    layers = {}
-    for name in targets:
+    plan = AdapterState(config, targets)
+    for name in plan.targets:
         if name not in modules:
             raise ValueError(f"load_adapters: {cfg_path}: target {name!r} is not a module of {type(model).__name__}")
-        if _in_saved(name, config.modules_to_save):
+        if plan.is_saved(name):
             raise ValueError(f"load_adapters: {cfg_path}: target {name!r} lies inside a modules_to_save entry")
-        try:
-            layers[name] = adapter_class(config.method).from_config(
-                _meta_twin(modules[name]), config, name, shapes_only=True)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"load_adapters: {cfg_path}: {err}") from None
-    return _saved_params(model, layers, config)
+    try:
+        layers = plan.build({name: _meta_twin(modules[name]) for name in plan.targets}, shapes_only=True)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"load_adapters: {cfg_path}: {err}") from None
+    return plan.parameters(model, layers)
 
 
 def _check_fit(expected: dict[str, Tensor], tensors: dict[str, Tensor], directory: Path) -> None:
@@ -253,9 +221,10 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         tensors = load(data)
     except SafetensorError as err:
         raise ValueError(f"load_adapters: {w_path} is not a readable safetensors file ({err})") from None
-    layers = adapter_layers(model)
+    state = AdapterState.of(model)
+    layers = state.layers(model) if state is not None else {}
     if layers:
-        current = adapter_config(model)
+        current = state.config
         for key in ("method", "r", "lora_alpha", "use_rslora", "core"):
             if getattr(current, key) != getattr(config, key):
                 raise ValueError(
@@ -264,7 +233,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 )
         if any(layer.merged for layer in layers.values()):
             raise ValueError("load_adapters: some adapters are merged; unmerge_adapters(model) before loading")
-        expected = _saved_params(model, layers, current)
+        expected = state.parameters(model, layers)
     else:
         expected = _planned(model, config, targets, cfg_path)
     _check_fit(expected, tensors, directory)
@@ -276,18 +245,11 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     inject_adapters(model, exact)
     try:
         return _copy_in(model, tensors, directory)
-    except Exception:
-        _uninject(model, trainable)  # a failed load leaves the model as it was
+    except Exception:  # a failed load leaves the model as it was: base layers back, trainable as before
+        AdapterState.of(model).unload(model, merge=False)
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
         raise
-
-
-def _uninject(model: nn.Module, trainable: set[int]) -> None:
-    """Put the base layers back (no merge) and restore which parameters were trainable."""
-    for name, layer in adapter_layers(model).items():
-        _set_submodule(model, name, layer.base_layer)
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
-    delattr(model, _CONFIG_ATTR)
 
 
 def _copy_in(model: nn.Module, tensors: dict[str, Tensor], directory: Path) -> nn.Module:
@@ -303,7 +265,8 @@ def _copy_in(model: nn.Module, tensors: dict[str, Tensor], directory: Path) -> n
 def peft_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict]:
     """The PEFT LoRA tensors (``base_model.model.<module>.lora_A.weight`` …) and
     ``adapter_config.json`` contents that reproduce the adapters of ``model`` exactly."""
-    layers, config = _require_adapters(model, "export_peft")
+    state = AdapterState.require(model, "export_peft")
+    layers, config = state.layers(model), state.config
     ranks = {layer.r for layer in layers.values()}
     (r,) = ranks
     tensors: dict[str, Tensor] = {}
@@ -317,7 +280,7 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict]:
             tensors[f"{prefix}.lora_B.weight"] = _plain(b)
             if isinstance(layer, DoraLayer):
                 tensors[f"{prefix}.lora_magnitude_vector"] = _plain(layer.lora_magnitude)
-        for mname, mod in _saved_modules(model, config.modules_to_save):
+        for mname, mod in state.saved_modules(model):
             for pname, p in mod.named_parameters():
                 tensors[f"base_model.model.{mname}.{pname}"] = _plain(p)
     peft_config = {
@@ -329,7 +292,7 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict]:
         "lora_dropout": config.lora_dropout,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "bias": "none",
-        "use_dora": config.method == "dora",
+        "use_dora": any(isinstance(layer, DoraLayer) for layer in layers.values()),
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "init_lora_weights": True,
         "inference_mode": True,
