@@ -22,36 +22,50 @@ __all__ = [
     "StiefelParameter",
     "SharedQSpectral",
     "constrain",
+    "MatrixManifold",
     "is_stiefel",
-    "as_stiefel",
+    "as_manifold",
+    "manifold_from_spec",
 ]
 
 
-class Stiefel(Manifold):
-    """St(n, p) = {X : XᵀX = I}; a wide matrix (n < p) means orthonormal rows.
+class MatrixManifold(Manifold):
+    """The geometry interface of the package's optimizers, for manifolds whose points are made of
+    Stiefel matrices: :meth:`to_matrix` shows a point (its trailing ``ndim`` dims) as k ≥ 1 matrices
+    on St(n, p), and every operation — Riemannian gradient, retraction, transport, landing field,
+    infeasibility, projection — is the Stiefel formula of :mod:`stiefel_opt.functional` applied to
+    them, batched. The optimizers stack the matrices of equal-geometry parameters and step them as
+    one (B, n, p) Stiefel stack, so a subclass is a layout: ``spec_name``, :meth:`to_matrix`,
+    :meth:`from_matrix`, and :meth:`_per_point` (how per-matrix values combine into one per point).
+    Subclasses with a ``name`` are registered (:func:`manifold_from_spec`, a group's ``"manifold"``).
 
     Args:
         metric: ``"euclidean"`` (tangent projection G − X sym(XᵀG)) or ``"canonical"``
-            (Riemannian gradient G − X GᵀX).
+            (Riemannian gradient G − X GᵀX), or a metric of :data:`stiefel_opt.functional.METRICS`.
         retraction: ``"polar"`` (default), ``"qr"``, ``"cayley"``, ``"exp"`` or ``"newton_schulz"``.
-        ndim: number of trailing dimensions that form one matrix. 2 for matrices; a conv weight
-            (out, in, kh, kw) uses ``ndim=4`` and is seen as the (out, in·kh·kw) matrix.
+        ndim: number of trailing dimensions that form one point.
     """
 
-    name = "Stiefel"
+    name = "MatrixManifold"  # geoopt's display name
+    spec_name = ""  # the registered name: a group's "manifold" and the state-dict spec
     reversible = False
+    _REGISTRY: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("spec_name"):
+            MatrixManifold._REGISTRY[cls.spec_name] = cls
 
     def __init__(self, metric: str = "euclidean", retraction: str = "polar", ndim: int = 2):
         super().__init__()
+        kind = type(self).__name__
         if metric not in F.METRICS:
-            raise ValueError(f"Stiefel: metric must be one of {F.METRICS}, got {metric!r}")
+            raise ValueError(f"{kind}: metric must be one of {tuple(F.METRICS)}, got {metric!r}")
         if retraction not in F.RETRACTIONS:
-            raise ValueError(
-                f"Stiefel: retraction must be one of {tuple(F.RETRACTIONS)}, got {retraction!r}"
-            )
+            raise ValueError(f"{kind}: retraction must be one of {tuple(F.RETRACTIONS)}, got {retraction!r}")
         if int(ndim) < 2:
-            raise ValueError(f"Stiefel: ndim must be at least 2, got {ndim}")
-        self.metric = metric
+            raise ValueError(f"{kind}: ndim must be at least 2, got {ndim}")
+        self.metric = getattr(metric, "name", metric)
         self.retraction = retraction
         self.ndim = int(ndim)
 
@@ -59,13 +73,32 @@ class Stiefel(Manifold):
         extra = f", ndim={self.ndim}" if self.ndim != 2 else ""
         return f"metric={self.metric!r}, retraction={self.retraction!r}{extra}"
 
-    # --- shapes -----------------------------------------------------------------------------
+    def spec(self) -> dict:
+        """The plain (weights_only-safe) description a state dict stores; :func:`manifold_from_spec`
+        reads it back."""
+        return {"manifold": self.spec_name, "metric": self.metric, "retraction": self.retraction, "ndim": self.ndim}
+
+    def with_options(self, metric: str | None = None, retraction: str | None = None) -> "MatrixManifold":
+        """This manifold with another metric and/or retraction (None: keep)."""
+        return type(self)(metric or self.metric, retraction or self.retraction, self.ndim)
+
+    # --- layout: points ↔ Stiefel matrices ---------------------------------------------------
     def to_matrix(self, x: Tensor) -> Tensor:
-        """View the trailing ``ndim`` dims as one matrix (rows = first of them)."""
-        if self.ndim == 2:
-            return x
-        lead = x.shape[: x.dim() - self.ndim]
-        return x.reshape(*lead, x.shape[x.dim() - self.ndim], -1)
+        """(…, n, p): the Stiefel matrices of the points ``x`` (leading dims kept)."""
+        raise NotImplementedError
+
+    def from_matrix(self, m: Tensor, shape) -> Tensor:
+        """The points of ``shape`` whose matrices are ``m`` (the inverse of :meth:`to_matrix`)."""
+        raise NotImplementedError
+
+    def matrix_shape(self, shape) -> torch.Size:
+        """The shape :meth:`to_matrix` gives for points of ``shape``."""
+        return self.to_matrix(torch.empty(tuple(shape), device="meta")).shape
+
+    def _per_point(self, values: Tensor, how: str) -> Tensor:
+        """Per-matrix values (shape of ``to_matrix(x)`` without the last two dims) combined into one
+        per point: ``how`` is ``"sum"`` (inner products) or ``"norm"`` (infeasibilities)."""
+        return values
 
     def _map(self, fn, x: Tensor, *others: Tensor) -> Tensor:
         for o in others:
@@ -74,8 +107,7 @@ class Stiefel(Manifold):
                     f"{self}: a tangent vector of shape {tuple(o.shape)} does not match the point's "
                     f"shape {tuple(x.shape)}"
                 )
-        out = fn(self.to_matrix(x), *(self.to_matrix(o) for o in others))
-        return out.reshape(x.shape)
+        return self.from_matrix(fn(self.to_matrix(x), *(self.to_matrix(o) for o in others)), x.shape)
 
     def _check_shape(self, shape, name):
         if len(shape) < self.ndim:
@@ -83,8 +115,9 @@ class Stiefel(Manifold):
         return True, None
 
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
-        d = float(F.distance(self.to_matrix(x)).max()) if x.numel() else 0.0
-        ok = d <= atol + rtol * math.sqrt(min(self.to_matrix(x).shape[-2:]))
+        xm = self.to_matrix(x)
+        d = float(F.distance(xm).max()) if x.numel() else 0.0
+        ok = d <= atol + rtol * math.sqrt(min(xm.shape[-2:]))
         return ok, None if ok else f"‖XᵀX − I‖_F = {d:.3e} exceeds the tolerance"
 
     def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
@@ -95,9 +128,9 @@ class Stiefel(Manifold):
         ok = gap <= atol + rtol * float(torch.linalg.matrix_norm(um).max())
         return ok, None if ok else f"‖sym(XᵀU)‖_F = {gap:.3e}: not a tangent vector"
 
-    # --- geoopt Manifold interface ------------------------------------------------------------
+    # --- the geometry (geoopt's Manifold interface) ---------------------------------------------
     def projx(self, x: Tensor) -> Tensor:
-        """Nearest point of the manifold: the polar factor U Vᵀ of X = U Σ Vᵀ per matrix
+        """Nearest point of the manifold: the polar factor U Vᵀ of each matrix X = U Σ Vᵀ
         (:func:`~stiefel_opt.functional.project`; rank-deficient X raises ``ValueError``)."""
         return self._map(F.project, x)
 
@@ -107,23 +140,21 @@ class Stiefel(Manifold):
         return self._map(F.proj_tangent, x, u)
 
     def egrad2rgrad(self, x: Tensor, u: Tensor) -> Tensor:
-        """Riemannian gradient of the Euclidean gradient G: G − X sym(XᵀG) (euclidean, :meth:`proju`)
-        or G − X GᵀX (canonical, :func:`~stiefel_opt.functional.canonical_rgrad`)."""
-        if self.metric == "euclidean":
-            return self.proju(x, u)
-        return self._map(F.canonical_rgrad, x, u)
+        """Riemannian gradient of the Euclidean gradient G for the metric: G − X sym(XᵀG) (euclidean)
+        or G − X GᵀX (canonical) (:func:`~stiefel_opt.functional.egrad2rgrad`)."""
+        return self._map(lambda a, b: F.egrad2rgrad(a, b, self.metric), x, u)
+
+    rgrad = egrad2rgrad
 
     def inner(self, x: Tensor, u: Tensor, v: Tensor | None = None, *, keepdim: bool = False) -> Tensor:
         """Metric ⟨U, V⟩_X = tr(UᵀV) (euclidean) or tr(UᵀV) − ½ tr(UᵀX XᵀV) (canonical), V = U if
-        omitted; one value per matrix (:func:`~stiefel_opt.functional.inner`)."""
+        omitted; one value per point (:func:`~stiefel_opt.functional.inner`)."""
         v = u if v is None else v
-        out = F.inner(self.to_matrix(x), self.to_matrix(u), self.to_matrix(v), self.metric, keepdim=keepdim)
-        if keepdim and self.ndim > 2:
-            out = out.reshape(*out.shape[:-2], *([1] * self.ndim))
-        return out
+        out = self._per_point(F.inner(self.to_matrix(x), self.to_matrix(u), self.to_matrix(v), self.metric), "sum")
+        return out.reshape(*out.shape, *([1] * self.ndim)) if keepdim else out
 
     def component_inner(self, x: Tensor, u: Tensor, v: Tensor | None = None) -> Tensor:
-        """:meth:`inner` with ``keepdim=True``: ⟨U, V⟩_X per matrix, its ``ndim`` dims kept as size 1
+        """:meth:`inner` with ``keepdim=True``: ⟨U, V⟩_X per point, its ``ndim`` dims kept as size 1
         (geoopt's per-component inner product for a manifold whose points are whole matrices)."""
         return self.inner(x, u, v, keepdim=True)
 
@@ -131,6 +162,8 @@ class Stiefel(Manifold):
         """Retraction R_X(U) by this manifold's ``retraction`` and ``metric``
         (:func:`~stiefel_opt.functional.retract`)."""
         return self._map(lambda a, b: F.retract(a, b, self.retraction, self.metric), x, u)
+
+    retract = retr
 
     def expmap(self, x: Tensor, u: Tensor) -> Tensor:
         """Exponential map Exp_X(U): the geodesic of this manifold's ``metric`` at t = 1
@@ -140,6 +173,10 @@ class Stiefel(Manifold):
     def transp(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
         """Vector transport of V from X to Y by projection, P_Y(V) = V − Y sym(YᵀV) (:meth:`proju` at Y,
         as :func:`~stiefel_opt.functional.transport`; ``x`` is unused)."""
+        return self.proju(y, v)
+
+    def transport(self, y: Tensor, v: Tensor) -> Tensor:
+        """V transported to the tangent space at Y by projection, P_Y(V) (:meth:`transp` without X)."""
         return self.proju(y, v)
 
     def retr_transp(self, x: Tensor, u: Tensor, v: Tensor):
@@ -160,19 +197,68 @@ class Stiefel(Manifold):
         """P_Y(V) with Y = Exp_X(U) (:meth:`expmap`): V transported to the end of the geodesic step."""
         return self.transp(x, self.expmap(x, u), v)
 
+    def landing_field(self, x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
+        """Landing field Λ = ½(G·XᵀX − X·GᵀX) + λX(XᵀX − I) of each matrix
+        (:func:`~stiefel_opt.functional.landing_field`)."""
+        return self._map(lambda a, b: F.landing_field(a, b, lam), x, g)
+
     def random(self, *size, dtype=None, device=None, generator=None) -> Tensor:
-        """A random point of the given shape (Haar for matrices)."""
+        """A random point of the given shape (Haar on each matrix)."""
         shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
         self._assert_check_shape(shape, "x")
-        lead = shape[: len(shape) - self.ndim]
-        mshape = (*lead, shape[len(shape) - self.ndim], math.prod(shape[len(shape) - self.ndim + 1 :]))
-        return F.random_point(mshape, dtype=dtype, device=device, generator=generator).reshape(shape)
+        m = F.random_point(tuple(self.matrix_shape(shape)), dtype=dtype, device=device, generator=generator)
+        return self.from_matrix(m, shape).contiguous()
 
     random_naive = random
 
-    def distance(self, x: Tensor) -> Tensor:
-        """‖XᵀX − I‖_F for each matrix (the distance the landing optimizers drive to 0)."""
-        return F.distance(self.to_matrix(x))
+    def infeasibility(self, x: Tensor) -> Tensor:
+        """How far each point is from the manifold: ‖XᵀX − I‖_F of its matrix (the root sum of squares
+        over its matrices) — what the landing optimizers drive to 0."""
+        return self._per_point(F.distance(self.to_matrix(x)), "norm")
+
+    distance = infeasibility
+
+
+class Stiefel(MatrixManifold):
+    """St(n, p) = {X : XᵀX = I}; a wide matrix (n < p) means orthonormal rows.
+
+    Args:
+        metric: ``"euclidean"`` (tangent projection G − X sym(XᵀG)) or ``"canonical"``
+            (Riemannian gradient G − X GᵀX).
+        retraction: ``"polar"`` (default), ``"qr"``, ``"cayley"``, ``"exp"`` or ``"newton_schulz"``.
+        ndim: number of trailing dimensions that form one matrix. 2 for matrices; a conv weight
+            (out, in, kh, kw) uses ``ndim=4`` and is seen as the (out, in·kh·kw) matrix.
+    """
+
+    name = "Stiefel"
+    spec_name = "stiefel"
+
+    def to_matrix(self, x: Tensor) -> Tensor:
+        """View the trailing ``ndim`` dims as one matrix (rows = first of them)."""
+        if self.ndim == 2:
+            return x
+        lead = x.shape[: x.dim() - self.ndim]
+        return x.reshape(*lead, x.shape[x.dim() - self.ndim], -1)
+
+    def from_matrix(self, m: Tensor, shape) -> Tensor:
+        """``m`` reshaped back to the points' ``shape``."""
+        return m.reshape(shape)
+
+
+def manifold_from_spec(spec, where: str) -> MatrixManifold | None:
+    """The manifold a (possibly loaded) param group names: what :func:`as_manifold` accepts, or the
+    plain dict of :meth:`MatrixManifold.spec`; a malformed spec raises ``ValueError`` naming ``where``."""
+    if not isinstance(spec, dict):
+        return as_manifold(spec)
+    cls = MatrixManifold._REGISTRY.get(spec.get("manifold"))
+    fields = {k: v for k, v in spec.items() if k != "manifold"}
+    if cls is None or set(fields) - {"metric", "retraction", "ndim"}:
+        raise ValueError(f"{where} has manifold {spec!r}: expected {{'manifold': one of "
+                         f"{sorted(MatrixManifold._REGISTRY)}, 'metric': ..., 'retraction': ..., 'ndim': ...}}")
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where} has manifold {spec!r}: {err}") from None
 
 
 def is_stiefel(manifold) -> bool:
@@ -185,29 +271,35 @@ def is_stiefel(manifold) -> bool:
     return isinstance(manifold, Stiefel) or type(manifold) is geoopt.EuclideanStiefel
 
 
-def as_stiefel(manifold) -> Stiefel | None:
-    """Normalize a manifold declaration to a ``Stiefel`` (or None for no manifold).
+def as_manifold(manifold) -> MatrixManifold | None:
+    """Normalize a param group's manifold declaration to a :class:`MatrixManifold` (or None).
 
-    Accepts ``None``, ``"stiefel"``, ``"euclidean"`` and geoopt's ``Euclidean`` (None), a ``Stiefel``
-    and geoopt's ``EuclideanStiefel`` (``Stiefel(retraction="qr")``). Any other geoopt manifold raises
+    Accepts ``None``, ``"euclidean"`` and geoopt's ``Euclidean`` (None), a registered name
+    (``"stiefel"``, ``"oblique"``: the manifold with its defaults), a ``MatrixManifold``, and geoopt's
+    ``EuclideanStiefel`` (``Stiefel(retraction="qr")``). Any other geoopt manifold raises
     ``TypeError``: it is honoured only on the parameter itself (a ``geoopt.ManifoldParameter``).
     """
     if manifold is None or manifold == "euclidean" or type(manifold) is geoopt.Euclidean:
         return None
-    if isinstance(manifold, Stiefel):
+    if isinstance(manifold, MatrixManifold):
         return manifold
     if isinstance(manifold, str):
-        if manifold.lower() == "stiefel":
-            return Stiefel()
-        raise ValueError(f"unknown manifold {manifold!r}: use 'stiefel' or a Stiefel(...) object")
+        cls = MatrixManifold._REGISTRY.get(manifold.lower())
+        if cls is None:
+            raise ValueError(f"unknown manifold {manifold!r}: use one of {sorted(MatrixManifold._REGISTRY)} "
+                             "or a manifold object such as Stiefel(...)")
+        return cls()
     if is_stiefel(manifold):
         return Stiefel(metric="euclidean", retraction="qr", ndim=manifold.ndim)
     if isinstance(manifold, Manifold):
         raise TypeError(
-            f"manifold {manifold!r}: a param group can declare only a Stiefel manifold; put a geoopt "
-            "manifold on the parameter itself (geoopt.ManifoldParameter(data, manifold=...))"
+            f"manifold {manifold!r}: a param group can declare only a manifold of this package (Stiefel, "
+            "Oblique); put a geoopt manifold on the parameter itself (geoopt.ManifoldParameter(data, manifold=...))"
         )
-    raise TypeError(f"manifold must be None, 'stiefel' or a Stiefel manifold, got {type(manifold).__name__}")
+    raise TypeError(f"manifold must be None, a manifold name or a MatrixManifold, got {type(manifold).__name__}")
+
+
+as_stiefel = as_manifold  # its name while Stiefel was the only manifold (kept importable, not in __all__)
 
 
 def _check_data(data: Tensor, what: str, ndim: int = 2) -> None:

@@ -4,7 +4,7 @@ Each optimizer is its ``torch.optim`` twin on Euclidean parameters; Stiefel para
 ``StiefelParameter``, a geoopt ``ManifoldParameter`` on a Stiefel manifold, or any parameter in a
 param group with ``"manifold": "stiefel"``) get the manifold update, batched over equal shapes.
 """
-from ._base import BACKENDS, STEP_FUNCTIONS, step_function
+from ._engine import BACKENDS, STEP_FUNCTIONS, step_function
 from .landing import LandingAdam, LandingSGD
 from .lora_rite import LoRARITE
 from .riemannian import RiemannianAdam, RiemannianSGD

@@ -29,229 +29,14 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from .. import distributed as _dist
 from .. import functional as F
-from .. import kernels as _kernels
-from ..manifolds import Stiefel, as_stiefel, is_stiefel
-from .._geoopt import geoopt as _geoopt
-from ._foreign import check_foreign, foreign_updates, is_foreign
+from ..manifolds import MatrixManifold, as_manifold, manifold_from_spec
+from ._engine import (STEP_FUNCTIONS, Bucket, check_backend, compute_dtype, is_foreign, nonfinite_matrices,
+                      nonfinite_message, param_manifold, step_function)
+from ._foreign import check_foreign, foreign_updates
 
-__all__ = ["BACKENDS", "STEP_FUNCTIONS", "step_function", "param_manifold", "stack_matrices", "unstack_into",
-           "nonfinite_matrices"]
+__all__ = ["StiefelOptimizer", "SGDFamily", "AdamFamily", "plain_manifolds"]
 
-BACKENDS = ("auto", "torch", "triton")
-"""The values of the optimizers' ``backend=`` option: ``"torch"`` (the :mod:`stiefel_opt.functional`
-steps), ``"triton"`` (the fused kernels) or ``"auto"`` (Triton for CUDA tensors when it can run)."""
-
-STEP_FUNCTIONS: dict[str, dict[str, Callable]] = {
-    "torch": {
-        "riemannian_sgd": F.riemannian_sgd_update,
-        "riemannian_adam": F.riemannian_adam_update,
-        "landing_sgd": F.landing_sgd_update,
-        "landing_adam": F.landing_adam_update,
-    },
-    # fused kernels (stiefel_opt.kernels; triton is imported on their first call only)
-    "triton": _kernels.FUSED_STEPS,
-}
-"""Backend → {step name → batched step function}: ``"torch"`` holds the ``*_update`` functions of
-:mod:`stiefel_opt.functional`, ``"triton"`` is :data:`kernels.FUSED_STEPS` (same contracts)."""
-
-_GeooptStiefel = _geoopt.manifolds.stiefel.Stiefel
-_GeooptCanonical = _geoopt.manifolds.stiefel.CanonicalStiefel
 _UNSUPPORTED_ON_MANIFOLD = ("fused", "differentiable", "capturable")
-
-
-def _resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "auto"  # per call, from the tensors' device and dtype (see step_function)
-    if backend not in STEP_FUNCTIONS:
-        raise ValueError(
-            f"backend={backend!r}: no fused optimizer-step kernels are registered yet; use "
-            "backend='torch' or 'auto'"
-        )
-    return backend
-
-
-@functools.cache
-def _compiled(name: str) -> Callable:
-    """``torch.compile`` of the torch step ``name``; lr and step are passed as 0-d tensors, so a new
-    value is an input of the compiled graph rather than a recompilation."""
-    fn = torch.compile(STEP_FUNCTIONS["torch"][name])
-
-    @functools.wraps(STEP_FUNCTIONS["torch"][name])
-    def step(*args, **kwargs):
-        for k in ("lr", "step"):
-            if k in kwargs:
-                kwargs[k] = torch.tensor(float(kwargs[k]))
-        return fn(*args, **kwargs)
-
-    return step
-
-
-def step_function(name: str, backend: str = "auto", compile: bool = False) -> Callable:
-    """The batched step function ``name`` for ``backend`` (the optimizers' one dispatch point).
-
-    ``"auto"``: the fused kernel when one is registered for ``name`` and the stack is on CUDA in a
-    supported dtype with triton installed, the torch function otherwise (decided per call).
-    ``compile``: the torch function through ``torch.compile`` (not with ``backend="triton"``).
-    """
-    backend = _resolve_backend(backend)
-    fused = STEP_FUNCTIONS.get("triton", {}).get(name)
-    if compile and backend == "triton":
-        raise ValueError("compile=True compiles the torch step; it does not combine with backend='triton'")
-    if backend == "auto":
-        torch_fn = _compiled(name) if compile else STEP_FUNCTIONS["torch"][name]
-        return torch_fn if fused is None else _kernels.auto_dispatch(torch_fn, fused)
-    if backend == "triton" and fused is None:
-        raise ValueError(
-            f"backend='triton': no fused kernel for the {name!r} step yet (fused: "
-            f"{sorted(STEP_FUNCTIONS['triton'])}); use backend='torch' or 'auto'"
-        )
-    return _compiled(name) if compile else STEP_FUNCTIONS[backend][name]
-
-
-def param_manifold(group: dict, p: Tensor, point_set: bool = False) -> Stiefel | None:
-    """The group's manifold, else the parameter's own Stiefel manifold, or its own other geoopt manifold
-    (:func:`~stiefel_opt.optim._foreign.is_foreign`: stepped through geoopt's interface), else None.
-
-    ``point_set``: only the set {XᵀX = I} matters (landing retracts nothing), so every geoopt Stiefel
-    manifold (``geoopt.Stiefel()`` is the canonical one) is our ``Stiefel`` with its metric."""
-    m = group.get("manifold")
-    if m is not None:
-        return m
-    pm = getattr(p, "manifold", None)
-    if point_set and isinstance(pm, _GeooptStiefel) and not isinstance(pm, Stiefel):
-        return Stiefel(metric="canonical" if isinstance(pm, _GeooptCanonical) else "euclidean", ndim=pm.ndim)
-    return pm if is_foreign(pm) else as_stiefel(pm) if is_stiefel(pm) else None
-
-
-def stack_matrices(tensors: list[Tensor], mshape: tuple, dtype: torch.dtype | None = None) -> Tensor:
-    """(B, *mshape) stack of the matrices of ``tensors`` (cast to ``dtype`` when given); plain
-    matrices are stacked without reshapes."""
-    if len(tensors) == 1:
-        stack = tensors[0].reshape(-1, *mshape)
-    elif all(t.dim() == 2 for t in tensors):
-        stack = torch.stack(tensors)
-    else:
-        stack = torch.cat([t.reshape(-1, *mshape) for t in tensors])
-    return stack if dtype is None else stack.to(dtype)
-
-
-def unstack_into(dst: list[Tensor], stack: Tensor) -> None:
-    """Copy a (B, n, p) stack back into the tensors it was stacked from (cast to their dtype)."""
-    if all(t.dim() == 2 for t in dst):
-        torch._foreach_copy_(dst, stack.unbind(0))
-        return
-    counts = [t.numel() // (stack.shape[-2] * stack.shape[-1]) for t in dst]
-    torch._foreach_copy_(dst, [c.reshape(t.shape) for c, t in zip(stack.split(counts), dst)])
-
-
-def nonfinite_matrices(g: Tensor) -> Tensor:
-    """(B,) mask of the matrices of a (B, n, p) stack holding a NaN or ±inf, or entries so large that
-    their sum overflows (no update survives those either): one reduction, ``~isfinite(Σ g)``."""
-    return ~g.sum(dim=(-2, -1)).isfinite()
-
-
-def _manifold_spec(m: Stiefel) -> dict:
-    return {"manifold": "stiefel", "metric": m.metric, "retraction": m.retraction, "ndim": m.ndim}
-
-
-class _Bucket:
-    """Same-shape manifold parameters updated as one stack of ``sum(counts)`` matrices."""
-
-    __slots__ = ("owners", "params", "grads", "states", "counts", "names", "mshape", "manifold", "retraction",
-                 "master", "cdtype", "layout")
-
-    def __init__(self, mshape, manifold, retraction, master, cdtype, layout=None):
-        self.owners: list[Tensor] = []  # the parameters themselves (keys of optimizer.state)
-        self.params: list[Tensor] = []  # their local shards (DTensor parameters, see stiefel_opt.distributed)
-        self.grads: list[Tensor] = []
-        self.layout = layout
-        self.states: list[dict] = []
-        self.counts: list[int] = []
-        self.names: list[str] = []
-        self.mshape = mshape
-        self.manifold = manifold
-        self.retraction = retraction
-        self.master = master
-        self.cdtype = cdtype
-
-    @property
-    def size(self) -> int:
-        return sum(self.counts)
-
-    def state_shape(self, i: int, scalar: bool = False) -> tuple:
-        """Shape of a per-parameter state entry: the parameter's, or (…lead, 1, 1) for a scalar."""
-        p = self.params[i]
-        if not scalar:
-            return tuple(p.shape)
-        lead = p.shape[: p.dim() - self.manifold.ndim]
-        return (*lead, 1, 1)
-
-    def stacked(self, key: str, *, scalar: bool = False, init: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """The (B, *mshape) stack of the entries ``states[i][key]``, read only.
-
-        Their base buffer when they already are its views in order (no copy); otherwise a new stack
-        (after load_state_dict or deepcopy, or a change in which parameters have gradients). Missing
-        entries: ``init()`` (None: return None). An entry whose shape is not the parameter's raises
-        ``ValueError`` (a resized parameter must not reuse reshaped moments). Nothing is written
-        into the states: :meth:`assign` does that once the step succeeded.
-        """
-        mshape = (1, 1) if scalar else self.mshape
-        ts = [s.get(key) for s in self.states]
-        if not all(t is not None for t in ts):
-            return None if init is None else init()
-        for i, t in enumerate(ts):
-            if tuple(t.shape) != self.state_shape(i, scalar):
-                raise ValueError(
-                    f"state[{key!r}] of {self.names[i]} has shape {tuple(t.shape)}, but the parameter "
-                    f"needs {self.state_shape(i, scalar)}: was the parameter resized? Drop its state "
-                    "(del optimizer.state[param]) to restart it"
-                )
-        base = ts[0]._base
-        if base is not None and base.dtype == self.cdtype and tuple(base.shape) == (self.size, *mshape) \
-                and base.is_contiguous() and self._views_of(ts, base):
-            return base
-        return torch.cat([t.reshape(-1, *mshape).to(self.cdtype) for t in ts])
-
-    def _views_of(self, ts, base) -> bool:
-        step = base.stride(0) * base.element_size()
-        ptr, off = base.data_ptr(), 0
-        for t, k in zip(ts, self.counts):
-            if t._base is not base or t.data_ptr() != ptr + off * step:
-                return False
-            off += k
-        return True
-
-    def assign(self, key: str, buf: Tensor, *, scalar: bool = False) -> None:
-        """Store slices of ``buf`` as views in each parameter's state."""
-        buf = buf.contiguous()
-        off = 0
-        for i, (s, k) in enumerate(zip(self.states, self.counts)):
-            s[key] = buf[off : off + k].view(self.state_shape(i, scalar))
-            off += k
-
-    def zeros(self, scalar: bool = False) -> Tensor:
-        mshape = (1, 1) if scalar else self.mshape
-        return torch.zeros((self.size, *mshape), dtype=self.cdtype, device=self.params[0].device)
-
-    def gather(self, tensors: list[Tensor]) -> Tensor:
-        """(B, *mshape) stack of the matrices of ``tensors`` (parameters or gradients) in cdtype."""
-        return stack_matrices(tensors, self.mshape, self.cdtype)
-
-    def scatter(self, stack: Tensor) -> None:
-        """Copy the stack back into the parameters (cast to their dtype)."""
-        unstack_into(self.params, stack)
-
-    def per_param(self, mask: Tensor) -> list[int]:
-        """How many matrices of each parameter a (B,) mask selects."""
-        return [int(c) for c in torch.stack([m.sum() for m in mask.split(self.counts)]).tolist()]
-
-    def describe(self, mask: Tensor) -> str:
-        """The parameters a (B,) mask touches, for messages."""
-        hits = [f"{n} of {k} matrices of {name}" for n, k, name in zip(self.per_param(mask), self.counts, self.names)
-                if n]
-        return "; ".join(hits)
 
 
 def _ensure_finite_points(x: Tensor, bad: Tensor) -> Tensor:
@@ -305,7 +90,7 @@ class StiefelOptimizer:
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         for k, v in self._extra_defaults().items():
             param_group.setdefault(k, v)
-        param_group["manifold"] = as_stiefel(param_group.get("manifold"))
+        param_group["manifold"] = as_manifold(param_group.get("manifold"))
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
@@ -321,7 +106,7 @@ class StiefelOptimizer:
             raise ValueError(f"{name}: nonfinite must be 'skip' or 'raise', got {group['nonfinite']!r}")
         if group["master_weights"] not in (None, True, False):
             raise ValueError(f"{name}: master_weights must be None, True or False, got {group['master_weights']!r}")
-        _resolve_backend(group["backend"])
+        check_backend(group["backend"])
         if group["compile"] not in (True, False):
             raise ValueError(f"{name}: compile must be True or False, got {group['compile']!r}")
         if group["compile"] and group["backend"] == "triton":
@@ -332,8 +117,9 @@ class StiefelOptimizer:
                 f"got {group['retraction']!r}"
             )
         m = group["manifold"]
-        if m is not None and not isinstance(m, Stiefel):
-            raise ValueError(f"{name}: a param group's manifold must be None, 'stiefel' or a Stiefel, got {m!r}")
+        if m is not None and not isinstance(m, MatrixManifold):
+            raise ValueError(f"{name}: a param group's manifold must be None, a manifold name or a MatrixManifold "
+                             f"(Stiefel, Oblique), got {m!r}")
         lr = float(group["lr"])
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"{name}: Invalid learning rate: {group['lr']} (must be finite and >= 0)")
@@ -415,7 +201,7 @@ class StiefelOptimizer:
         self._check_options(group)
         self._check_manifold_options(group)
         foreign, items = foreign_updates(self, gi, group, items)
-        buckets: dict[tuple, _Bucket] = {}
+        buckets: dict[tuple, Bucket] = {}
         for i, p, m in items:
             where = f"parameter {i} of param group {gi} (shape {tuple(p.shape)})"
             if p.grad.is_sparse:
@@ -426,27 +212,26 @@ class StiefelOptimizer:
                                  "orthonormal frame")
             retraction = group["retraction"] or m.retraction
             p_loc, g_loc, layout = _dist.local_parts(p, m, self, group, retraction if "riemannian" in self._STEP else None)
-            mat = m.to_matrix(p_loc)
-            mshape = tuple(mat.shape[-2:])
+            mshape = tuple(m.matrix_shape(p_loc.shape)[-2:])
             state = self.state[p] if p in self.state else {}
-            low = p.dtype in F._LOW_PRECISION
-            master = low and group["master_weights"] is not False
-            key = (mshape, p.dtype, p.device, m.metric, retraction, m.ndim, master, self._bucket_tag(group, state),
-                   layout)
+            master = p.dtype in F._LOW_PRECISION and group["master_weights"] is not False
+            key = (mshape, p.dtype, p.device, tuple(m.spec().values()), retraction, master,
+                   self._bucket_tag(group, state), layout)
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = _Bucket(mshape, m, retraction, master, torch.float32 if low else p.dtype, layout)
-            b.owners.append(p)
-            b.params.append(p_loc)
-            b.grads.append(g_loc)
-            b.states.append(state)
-            b.names.append(where)
-            b.counts.append(math.prod(p_loc.shape[: p_loc.dim() - m.ndim]))
-        fn = step_function(self._STEP, group["backend"], group.get("compile", False))
-        return foreign + [self._bucket_update(group, b, fn if b.layout is None else _dist.sharded_step(
-            STEP_FUNCTIONS["torch"][self._STEP], b.layout, group["backend"]), rollbacks) for b in buckets.values()]
+                b = buckets[key] = Bucket(m, mshape, compute_dtype(p.dtype), layout=layout, retraction=retraction,
+                                          master=master)
+            b.add(p, p_loc, g_loc, state, where)
+        return foreign + [self._bucket_update(group, b, self._step_function(group, b), rollbacks)
+                          for b in buckets.values()]
 
-    def _bucket_update(self, group: dict, b: _Bucket, fn: Callable, rollbacks: list) -> Callable[[], None]:
+    def _step_function(self, group: dict, b: Bucket) -> Callable:
+        """The bucket's batched step, resolved once (backend, compile, shard layout)."""
+        if b.layout is not None:
+            return _dist.sharded_step(STEP_FUNCTIONS["torch"][self._STEP], b.layout, group["backend"])
+        return step_function(self._STEP, group["backend"], group["compile"], like=b.params[0])
+
+    def _bucket_update(self, group: dict, b: Bucket, fn: Callable, rollbacks: list) -> Callable[[], None]:
         """Compute one bucket's update and return the commit that publishes it.
 
         The moments are updated in place in the states' own buffers, after a backup of them (pushed
@@ -455,8 +240,8 @@ class StiefelOptimizer:
         factorization failed, the state is restored and the matrices whose gradient or point is not
         finite are masked out for a second pass; what is still bad is skipped (rows restored) or
         raises."""
-        x = b.stacked("master", init=lambda: b.gather(b.params)) if b.master else b.gather(b.params)
-        g = b.gather(b.grads)
+        x = b.stacked("master", init=lambda: b.stack(b.params)) if b.master else b.stack(b.params)
+        g = b.stack(b.grads)
         if group["maximize"]:
             g = -g
         stacks = self._state_stacks(group, b)
@@ -506,7 +291,7 @@ class StiefelOptimizer:
         skips = b.per_param(bad) if any_bad else [0] * len(b.states)
         return functools.partial(self._commit, group, b, x, x_new, stacks, skips)
 
-    def _attempt(self, group: dict, b: _Bucket, fn: Callable, x: Tensor, g: Tensor, stacks: dict):
+    def _attempt(self, group: dict, b: Bucket, fn: Callable, x: Tensor, g: Tensor, stacks: dict):
         """(X⁺, (B,) mask of non-finite results), or (x, None) when a factorization failed."""
         try:
             x_new = self._manifold_update(group, b, fn, x, g, stacks)
@@ -518,14 +303,14 @@ class StiefelOptimizer:
                 total = total + stacks[k].sum(dim=(-2, -1))
         return x_new, ~total.isfinite()
 
-    def _stalled(self, b: _Bucket, x: Tensor, x_new: Tensor, bad: Tensor) -> Tensor:
+    def _stalled(self, b: Bucket, x: Tensor, x_new: Tensor, bad: Tensor) -> Tensor:
         """(B,) mask of matrices a landing step may have left exactly in place (none for retractions):
         their first row did not move (a zero step moves no row; a false alarm only costs a check of d)."""
         if not self._STEP.startswith("landing") or b.layout is not None:
             return torch.zeros_like(bad)
         return (x_new[:, 0] == x[:, 0]).all(-1) & ~bad
 
-    def _land_from_outside(self, group: dict, b: _Bucket, x: Tensor, x_new: Tensor, stalled: Tensor) -> Tensor:
+    def _land_from_outside(self, group: dict, b: Bucket, x: Tensor, x_new: Tensor, stalled: Tensor) -> Tensor:
         """A matrix with d = ‖XᵀX − I‖_F ≥ 1 gets a zero safe step forever (η* = 0 there): project it
         onto the manifold (polar factor) with a warning instead of leaving it stuck."""
         far = stalled & (F.distance(x) >= 1.0)
@@ -544,38 +329,30 @@ class StiefelOptimizer:
         x_new[idx] = F.project(x[idx]).to(x_new.dtype)
         return x_new
 
-    def _report_nonfinite(self, group: dict, b: _Bucket, bad: Tensor, bad_grad: Tensor, failed: bool) -> None:
+    def _report_nonfinite(self, group: dict, b: Bucket, bad: Tensor, bad_grad: Tensor, failed: bool) -> None:
         what = "non-finite gradient"
         if not bool((bad == bad_grad).all()):
             what += ", parameter, state or update"
         if failed:
             what += " (a factorization failed)"
-        where = b.describe(bad)
+        message = nonfinite_message(type(self).__name__, what, b.describe(bad), group["nonfinite"])
         if group["nonfinite"] == "raise":
-            raise FloatingPointError(
-                f"{type(self).__name__}: {what} in {where}; nothing was changed. Pass nonfinite='skip' to "
-                "skip such matrices, or fix the loss"
-            )
-        warnings.warn(
-            f"{type(self).__name__}: {what} in {where}; their update was skipped "
-            "(counted in state['nonfinite_skips'])",
-            RuntimeWarning,
-            stacklevel=5,
-        )
+            raise FloatingPointError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
-    def _commit(self, group: dict, b: _Bucket, x: Tensor, x_new: Tensor, stacks: dict, skips: list[int]) -> None:
+    def _commit(self, group: dict, b: Bucket, x: Tensor, x_new: Tensor, stacks: dict, skips: list[int]) -> None:
         """Publish a computed bucket update: new state buffers (ones the states do not view yet), fp32
         masters, parameters, counters."""
         scalar = self._scalar_keys(group)
         for k, t in stacks.items():
-            if t is not None and not self._viewed(b, k, t):
+            if t is not None and not b.viewed(k, t):
                 b.assign(k, t, scalar=k in scalar)
         if b.master:
-            if self._viewed(b, "master", x):
+            if b.viewed("master", x):
                 x.copy_(x_new)
             else:
                 b.assign("master", x_new)
-        b.scatter(x_new)
+        b.unstack_into(b.params, x_new)
         for s, n_bad in zip(b.states, skips):
             if n_bad:
                 s["nonfinite_skips"] = s.get("nonfinite_skips", 0) + n_bad
@@ -584,13 +361,7 @@ class StiefelOptimizer:
             if s and p not in self.state:
                 self.state[p] = s
 
-    @staticmethod
-    def _viewed(b: _Bucket, key: str, buf: Tensor) -> bool:
-        """Whether the states' ``key`` entries already are views of ``buf`` (see :meth:`_Bucket.stacked`)."""
-        first = b.states[0].get(key)
-        return first is not None and first._base is buf
-
-    def _advance(self, b: _Bucket, skips: list[int]) -> None:
+    def _advance(self, b: Bucket, skips: list[int]) -> None:
         """Per-parameter counters after a committed step (Adam: the step count)."""
 
     def _scalar_keys(self, group: dict) -> tuple[str, ...]:
@@ -658,7 +429,7 @@ class StiefelOptimizer:
         for gi, (sg, cg) in enumerate(zip(saved_groups, self.param_groups)):
             sg = dict(sg)
             if "manifold" in sg:
-                saved = stiefel_from_spec(sg["manifold"], f"{name}: param group {gi}")
+                saved = manifold_from_spec(sg["manifold"], f"{name}: param group {gi}")
                 if _spec_or_none(saved) != _spec_or_none(cg["manifold"]):
                     raise ValueError(
                         f"{name}: param group {gi} was saved with manifold {saved!r} but is declared with "
@@ -698,9 +469,8 @@ class StiefelOptimizer:
             if k == "step" or not isinstance(v, Tensor):
                 continue
             ok = tuple(v.shape) == tuple(p.shape)
-            if not ok and m is not None and k in self._SCALAR_KEYS:
-                lead = p.shape[: p.dim() - m.ndim]
-                ok = tuple(v.shape) == (*lead, 1, 1)
+            if not ok and isinstance(m, MatrixManifold) and k in self._SCALAR_KEYS:
+                ok = tuple(v.shape) == (*m.matrix_shape(p.shape)[:-2], 1, 1)
             if not ok:
                 raise ValueError(
                     f"{name}: state[{k!r}] of {where} has shape {tuple(v.shape)} but the parameter has shape "
@@ -719,31 +489,15 @@ class StiefelOptimizer:
 
 
 def plain_manifolds(_, state_dict: dict) -> dict:
-    """state_dict post-hook: each group's ``Stiefel`` as a plain dict spec (loads with weights_only)."""
+    """state_dict post-hook: each group's manifold as its plain dict spec (loads with weights_only)."""
     for g in state_dict["param_groups"]:
-        if isinstance(g.get("manifold"), Stiefel):
-            g["manifold"] = _manifold_spec(g["manifold"])
+        if isinstance(g.get("manifold"), MatrixManifold):
+            g["manifold"] = g["manifold"].spec()
     return state_dict
 
 
-def _spec_or_none(m: Stiefel | None) -> dict | None:
-    return None if m is None else _manifold_spec(m)
-
-
-def stiefel_from_spec(spec, where: str) -> Stiefel | None:
-    """The manifold a (possibly loaded) group names: what :func:`~stiefel_opt.manifolds.as_stiefel`
-    accepts, or the plain dict spec of a state dict; a malformed spec raises ``ValueError`` naming
-    ``where``."""
-    if not isinstance(spec, dict):
-        return as_stiefel(spec)
-    fields = {k: v for k, v in spec.items() if k != "manifold"}
-    if spec.get("manifold") != "stiefel" or set(fields) - {"metric", "retraction", "ndim"}:
-        raise ValueError(f"{where} has manifold {spec!r}: expected {{'manifold': 'stiefel', 'metric': ..., "
-                         "'retraction': ..., 'ndim': ...}")
-    try:
-        return Stiefel(**fields)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where} has manifold {spec!r}: {err}") from None
+def _spec_or_none(m: MatrixManifold | None) -> dict | None:
+    return None if m is None else m.spec()
 
 
 class SGDFamily(StiefelOptimizer):
@@ -754,14 +508,14 @@ class SGDFamily(StiefelOptimizer):
     def _bucket_tag(self, group: dict, state: dict):
         return "momentum_buffer" in state if group["momentum"] else None
 
-    def _state_stacks(self, group: dict, b: _Bucket) -> dict:
+    def _state_stacks(self, group: dict, b: Bucket) -> dict:
         return {"momentum_buffer": b.stacked("momentum_buffer")} if group["momentum"] else {}
 
     def _momentum_kwargs(self, group: dict) -> dict:
         return {"lr": float(group["lr"]), "momentum": group["momentum"], "dampening": group["dampening"],
                 "nesterov": group["nesterov"]}
 
-    def _finish(self, group: dict, b: _Bucket, stacks: dict, buf: Tensor | None) -> None:
+    def _finish(self, group: dict, b: Bucket, stacks: dict, buf: Tensor | None) -> None:
         """Keep the momentum buffer a step created (first step) among the stacks to commit."""
         if group["momentum"]:
             stacks["momentum_buffer"] = buf
@@ -798,7 +552,7 @@ class AdamFamily(StiefelOptimizer):
         return ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else \
             ("step", "exp_avg", "exp_avg_sq")
 
-    def _state_stacks(self, group: dict, b: _Bucket) -> dict:
+    def _state_stacks(self, group: dict, b: Bucket) -> dict:
         scalar = group["second_moment"] == "scalar"
         stacks = {
             "exp_avg": b.stacked("exp_avg", init=b.zeros),
@@ -808,19 +562,13 @@ class AdamFamily(StiefelOptimizer):
             stacks["max_exp_avg_sq"] = b.stacked("max_exp_avg_sq", scalar=scalar, init=lambda: b.zeros(scalar))
         return stacks
 
-    def _adam_kwargs(self, group: dict, b: _Bucket) -> dict:
+    def _adam_kwargs(self, group: dict, b: Bucket) -> dict:
         """The step function's Adam arguments; the step count it uses is the committed count + 1."""
         beta1, beta2 = group["betas"]
         return {"step": self._bucket_tag(group, b.states[0]) + 1, "lr": float(group["lr"]), "beta1": float(beta1),
                 "beta2": float(beta2), "eps": group["eps"], "scalar_v": group["second_moment"] == "scalar"}
 
-    @staticmethod
-    def _viewed(b: _Bucket, key: str, buf: Tensor) -> bool:
-        """Whether the states' ``key`` entries already are views of ``buf`` (see :meth:`_Bucket.stacked`)."""
-        first = b.states[0].get(key)
-        return first is not None and first._base is buf
-
-    def _advance(self, b: _Bucket, skips: list[int]) -> None:
+    def _advance(self, b: Bucket, skips: list[int]) -> None:
         for s in b.states:
             if "step" not in s:
                 s["step"] = torch.tensor(0.0, dtype=torch.float32)

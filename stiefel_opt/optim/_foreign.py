@@ -28,19 +28,10 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._geoopt import Manifold
-from .._geoopt import geoopt as _geoopt
-from ..manifolds import is_stiefel
+from ._engine import is_foreign
 
-__all__ = ["is_foreign", "check_foreign", "check_own_manifolds", "foreign_updates", "group_index"]
+__all__ = ["check_foreign", "check_own_manifolds", "foreign_updates", "group_index"]
 
-
-
-def is_foreign(manifold) -> bool:
-    """True for a geoopt ``Manifold`` that is neither geoopt's plain ``Euclidean`` nor a Stiefel
-    manifold our ``Stiefel`` reproduces exactly (:func:`~stiefel_opt.manifolds.is_stiefel`)."""
-    return (isinstance(manifold, Manifold) and type(manifold) is not _geoopt.Euclidean
-            and not is_stiefel(manifold))
 
 
 def group_index(opt, group: dict) -> int:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..manifolds import Stiefel
+from ..manifolds import MatrixManifold
 
 __all__ = ["project_stiefel_"]
 
@@ -47,7 +47,7 @@ def project_stiefel_(optimizer, manifold_of: Callable[[dict, Tensor], object], t
     for gi, group in enumerate(optimizer.param_groups):
         for pi, p in enumerate(group["params"]):
             m = manifold_of(group, p)
-            if not isinstance(m, Stiefel):
+            if not isinstance(m, MatrixManifold):
                 continue
             if hasattr(p, "to_local"):
                 raise NotImplementedError(
@@ -65,19 +65,19 @@ def project_stiefel_(optimizer, manifold_of: Callable[[dict, Tensor], object], t
             except ValueError as err:
                 raise ValueError(f"{_describe(optimizer, group, gi, pi, p)}: {err}") from None
             if xm.numel():
-                worst = max(worst, float(F.distance(xm).max()))
+                worst = max(worst, float(m.infeasibility(x.to(cdtype)).max()))
             moves = []
             for key in tangent_keys:
                 t = state.get(key)
                 if isinstance(t, Tensor) and t.shape == p.shape:
-                    moves.append((t, F.proj_tangent(y, m.to_matrix(t).to(cdtype)).to(t.dtype)))
-            plan.append((p, master, y.to(x.dtype), moves))
+                    moves.append((t, m.from_matrix(F.proj_tangent(y, m.to_matrix(t).to(cdtype)).to(t.dtype), t.shape)))
+            plan.append((p, master, m.from_matrix(y.to(x.dtype), x.shape), moves))
     for p, master, y, moves in plan:
         if master is not None:
-            master.copy_(y.reshape(master.shape))
-        p.detach().copy_(y.reshape(p.shape))
+            master.copy_(y)
+        p.detach().copy_(y)
         for t, v in moves:
-            t.copy_(v.reshape(t.shape))
+            t.copy_(v)
     return worst
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import AdamFamily, SGDFamily, param_manifold
-from ._foreign import check_own_manifolds, group_index, is_foreign
+from ._base import AdamFamily, SGDFamily
+from ._engine import is_foreign, param_manifold
+from ._foreign import check_own_manifolds, group_index
 
 __all__ = ["LandingSGD", "LandingAdam", "MAX_LAM"]
 

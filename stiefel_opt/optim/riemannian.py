@@ -6,7 +6,8 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from .. import functional as F
-from ._base import AdamFamily, SGDFamily, param_manifold
+from ._base import AdamFamily, SGDFamily
+from ._engine import param_manifold
 from ._foreign import check_own_manifolds, group_index
 
 __all__ = ["RiemannianSGD", "RiemannianAdam"]
@@ -119,7 +120,7 @@ class RiemannianSGD(_Stabilize, SGDFamily, torch.optim.SGD):
 
     def _manifold_update(self, group, b, fn, x, g, stacks):
         x_new, buf = fn(x, g, stacks.get("momentum_buffer"), retraction=b.retraction,
-                        metric=b.manifold.metric, **self._momentum_kwargs(group))
+                        metric=b.geometry.metric, **self._momentum_kwargs(group))
         self._finish(group, b, stacks, buf)
         return x_new
 
@@ -167,4 +168,4 @@ class RiemannianAdam(_Stabilize, AdamFamily, torch.optim.Adam):
 
     def _manifold_update(self, group, b, fn, x, g, stacks):
         return fn(x, g, stacks["exp_avg"], stacks["exp_avg_sq"], stacks.get("max_exp_avg_sq"),
-                  retraction=b.retraction, metric=b.manifold.metric, **self._adam_kwargs(group, b))
+                  retraction=b.retraction, metric=b.geometry.metric, **self._adam_kwargs(group, b))

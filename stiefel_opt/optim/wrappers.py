@@ -40,9 +40,9 @@ from torch import Tensor
 
 from .. import distributed as _dist
 from .. import functional as F
-from ..manifolds import Stiefel
-from ._base import (StiefelOptimizer, _manifold_spec, nonfinite_matrices, param_manifold, plain_manifolds,
-                    stack_matrices, stiefel_from_spec, unstack_into)
+from ..manifolds import MatrixManifold, manifold_from_spec
+from ._base import StiefelOptimizer, plain_manifolds
+from ._engine import Bucket, compute_dtype, nonfinite_matrices, nonfinite_message, param_manifold
 from ._project import project_stiefel_
 from .landing import MAX_LAM
 
@@ -59,10 +59,10 @@ package's λ, as :class:`~stiefel_opt.LandingAdam`), ``polar`` (G·XᵀX − X·
 (GXᵀ − XGᵀ)X + λX(XᵀX − I) (PoLAR's λ; λ_polar = 2·λ_relative gives twice the relative field)."""
 
 
-def _group_manifold(group: dict, where: str) -> Stiefel | None:
-    """The group's declared manifold as a ``Stiefel`` (or None), normalized in place: accepts what
-    :func:`~stiefel_opt.manifolds.as_stiefel` does and the plain dict of a state dict."""
-    m = stiefel_from_spec(group.get("manifold"), where)
+def _group_manifold(group: dict, where: str) -> MatrixManifold | None:
+    """The group's declared manifold (or None), normalized in place: accepts what
+    :func:`~stiefel_opt.manifolds.as_manifold` does and the plain dict of a state dict."""
+    m = manifold_from_spec(group.get("manifold"), where)
     if "manifold" in group:
         group["manifold"] = m
     return m
@@ -74,12 +74,6 @@ def _describe(group: dict, gi: int, pi: int, p: Tensor) -> str:
     if names is not None:
         return f"parameter {names[pi]!r} (param group {gi}, shape {tuple(p.shape)})"
     return f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
-
-
-def _tall_rows(p: Tensor, m: Stiefel) -> int:
-    """Row count n of the tall form of ``p``'s (global) matrices."""
-    shape = p.shape[p.dim() - m.ndim:]
-    return max(shape[0], math.prod(shape[1:]))
 
 
 def _stiefel_params(optimizer, kind: str):
@@ -100,39 +94,31 @@ def _stiefel_params(optimizer, kind: str):
                     "parameters need dense gradients (e.g. nn.Embedding(sparse=False)), or leave this "
                     "parameter out of the Stiefel groups"
                 )
-            out.append((group, p, m))
+            out.append((group, p, m, _describe(group, gi, pi, p)))
     return out
 
 
-def _buckets(optimizer, wrap: "_Wrap", items: list) -> dict:
-    """Group the Stiefel parameters ``items`` (of :func:`_stiefel_params`) by (local matrix shape,
-    dtype, device, metric, retraction, shard layout, displacement scale): {key: (params, local params,
-    local gradients)}. The wrapper's retraction and metric override the manifold's; a landing
-    wrapper retracts nothing (None)."""
+def _buckets(optimizer, wrap: "_Wrap", items: list) -> list[tuple[Bucket, float | None]]:
+    """The Stiefel parameters ``items`` (of :func:`_stiefel_params`) as engine buckets (equal geometry,
+    local matrix shape, dtype, device, shard layout), each with its displacement scale. The wrapper's
+    retraction and metric override the manifold's; a landing wrapper retracts nothing (None)."""
     out: dict = {}
-    for group, p, m in items:
-        met = wrap.metric or m.metric
-        method = (wrap.retraction or m.retraction) if wrap.kind == "riemannian" else None
-        checked = m if met == m.metric else Stiefel(met, m.retraction, m.ndim)  # what local_parts checks
-        x, g, layout = _dist.local_parts(p, checked, optimizer, group, method)
-        mshape = tuple(m.to_matrix(x).shape[-2:])
-        scale = None if wrap.hidden_size is None else math.sqrt(wrap.hidden_size / _tall_rows(p, m))
-        key = (mshape, p.dtype, p.device, met, method, m.ndim, layout, scale)
-        ps, xs, gs = out.setdefault(key, ([], [], []))
-        ps.append(p)
-        xs.append(x)
-        gs.append(g)
-    return out
+    for group, p, m, where in items:
+        geometry = m.with_options(metric=wrap.metric, retraction=wrap.retraction)
+        method = geometry.retraction if wrap.kind == "riemannian" else None
+        x, g, layout = _dist.local_parts(p, geometry, optimizer, group, method)
+        mshape = tuple(geometry.matrix_shape(x.shape)[-2:])
+        scale = None if wrap.hidden_size is None else math.sqrt(wrap.hidden_size / max(geometry.matrix_shape(p.shape)[-2:]))
+        key = (mshape, p.dtype, p.device, tuple(geometry.spec().values()), method, layout, scale)
+        if key not in out:
+            out[key] = (Bucket(geometry, mshape, compute_dtype(p.dtype), layout=layout, retraction=method), scale)
+        out[key][0].add(p, x, g, optimizer.state.get(p, {}), where)
+    return list(out.values())
 
 
 def _on_shards(fn, layout):
     """``fn(x, y)`` (two stacks of local matrices → a local stack) run on the shards of ``layout``."""
     return fn if layout is None else _dist.sharded_step(fn, layout, "torch")
-
-
-def _gather(ts: list[Tensor], mshape) -> Tensor:
-    """The stack of ``ts``' matrices, low precision computed in fp32."""
-    return stack_matrices(ts, mshape, torch.float32 if ts[0].dtype in F._LOW_PRECISION else None)
 
 
 class _Wrap:
@@ -184,21 +170,18 @@ class _Wrap:
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], self.max_grad_norm)
-            buckets = _buckets(optimizer, self, items)
-            for (mshape, _, _, metric, method, _, layout, scale), (ps, xs, gs) in buckets.items():
-                x = _gather(xs, mshape)
-                g = _gather(gs, mshape)
-                bad = _dist.agree(nonfinite_matrices(g), layout)
+            for b, scale in _buckets(optimizer, self, items):
+                x = b.stack(b.params)
+                g = b.stack(b.grads)
+                bad = _dist.agree(nonfinite_matrices(g), b.layout)
                 if bool(bad.any()):
-                    warnings.warn(
-                        f"{self.kind}(): non-finite gradient in {int(bad.sum())} Stiefel matrices of shape "
-                        f"{mshape}; their update is skipped", RuntimeWarning, stacklevel=3,
-                    )
+                    warnings.warn(nonfinite_message(f"{self.kind}()", "non-finite gradient", b.describe(bad), "skip",
+                                                    counted=False), RuntimeWarning, stacklevel=3)
                     g = g.masked_fill(bad[:, None, None], 0.0)
                 else:
                     bad = None
-                unstack_into(gs, _on_shards(self._field, layout)(x, g, metric=metric))
-                self._saved.append((ps, mshape, metric, method, scale, x.clone(), bad, layout))
+                b.unstack_into(b.grads, _on_shards(self._field, b.layout)(x, g, metric=b.geometry.metric))
+                self._saved.append((b, scale, x.clone(), bad))
 
     def _field(self, x: Tensor, g: Tensor, metric: str) -> Tensor:
         """The gradient handed to the inner optimizer: rgrad(X, G), or the (clipped) landing field;
@@ -216,30 +199,30 @@ class _Wrap:
 
     def post(self, optimizer, args, kwargs):
         with torch.no_grad():
-            for ps, mshape, metric, method, scale, x_old, bad, layout in self._saved:
-                xs = [_local(p) for p in ps]
-                x_new = _gather(xs, mshape)
+            for b, scale, x_old, bad in self._saved:
+                xs = [_local(p) for p in b.owners]
+                x_new = b.stack(xs)
                 if self.kind == "riemannian":
-                    x_new = _on_shards(_retract_displacement, layout)(x_old, x_new, method=method, metric=metric,
-                                                                      scale=scale)
+                    x_new = _on_shards(_retract_displacement, b.layout)(
+                        x_old, x_new, method=b.retraction, metric=b.geometry.metric, scale=scale)
                 elif self.safe_eps is not None:
-                    x_new = _on_shards(_backtrack, layout)(x_old, x_new, eps=self.safe_eps)
+                    x_new = _on_shards(_backtrack, b.layout)(x_old, x_new, eps=self.safe_eps)
                 if bad is not None:
                     x_new[bad] = x_old[bad]
-                unstack_into(xs, x_new)
+                b.unstack_into(xs, x_new)
                 if self.kind == "riemannian":
-                    self._transport_state(optimizer, ps, xs, mshape, x_new, layout)
+                    self._transport_state(optimizer, b, xs, x_new)
         self._saved = []
 
-    def _transport_state(self, optimizer, ps, xs, mshape, y, layout) -> None:
+    def _transport_state(self, optimizer, b: Bucket, xs: list[Tensor], y: Tensor) -> None:
         for key in self.tangent_keys:
-            ts = [optimizer.state.get(p, {}).get(key) for p in ps]
-            if not all(isinstance(t, Tensor) and t.shape == p.shape for t, p in zip(ts, ps)):
+            ts = [optimizer.state.get(p, {}).get(key) for p in b.owners]
+            if not all(isinstance(t, Tensor) and t.shape == p.shape for t, p in zip(ts, b.owners)):
                 continue
             ts = [_local(t) for t in ts]
             if any(t.shape != x.shape for t, x in zip(ts, xs)):
                 continue
-            unstack_into(ts, _on_shards(F.proj_tangent, layout)(y, _gather(ts, mshape)))
+            b.unstack_into(ts, _on_shards(F.proj_tangent, b.layout)(y, b.stack(ts)))
 
     def load_pre(self, optimizer, state_dict):
         """A copy of ``state_dict`` whose groups hold ``Stiefel`` objects (a group without a manifold
@@ -305,8 +288,8 @@ class StiefelHandle:
         self.wrap.handles = []
         opt = self._optimizer
         for group in opt.param_groups:
-            if isinstance(group.get("manifold"), Stiefel):
-                group["manifold"] = _manifold_spec(group["manifold"])
+            if isinstance(group.get("manifold"), MatrixManifold):
+                group["manifold"] = group["manifold"].spec()
         opt.__dict__.pop("stiefel_handle", None)
         opt.__dict__.pop("__deepcopy__", None)
         opt.__dict__.pop("project_", None)
