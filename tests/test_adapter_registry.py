@@ -34,8 +34,11 @@ BUILT_IN = ("lora", "dora", "polar", "stella", "symlora")
 
 @pytest.fixture
 def registry():
-    """Leave the process-wide registry as the test found it."""
+    """Only the built-ins registered during the test (another test, e.g. the docs page of the
+    tutorial, may have registered more in this process); the registry restored afterwards."""
     before = dict(base._REGISTRY)
+    for name in set(before) - set(BUILT_IN):
+        del base._REGISTRY[name]
     yield
     base._REGISTRY.clear()
     base._REGISTRY.update(before)
@@ -135,7 +138,7 @@ def test_the_class_owns_its_option_schema(registry):
     assert {layer.g.shape for layer in adapter_layers(model).values()} == {torch.Size([1])}
 
 
-def test_unregistered_method_is_refused_naming_the_registry():
+def test_unregistered_method_is_refused_naming_the_registry(registry):
     with pytest.raises(ValueError, match=r"method must be one of \('lora', .*register_adapter.*'vera'"):
         AdapterConfig("vera", target_modules=["q"])
     with pytest.raises(ValueError, match="method must be one of"):
@@ -210,3 +213,49 @@ def test_io_uses_only_public_names_of_the_other_adapter_modules():
     private = [(node.module, a.name) for node in ast.walk(ast.parse(io.read_text()))
                if isinstance(node, ast.ImportFrom) and node.level == 1 for a in node.names if a.name.startswith("_")]
     assert not private, private
+
+
+# --- the custom-adapter tutorial's class ---------------------------------------------------------------
+def tutorial_class():
+    """Run the tutorial's first block (the adapter) as the docs test does; return its class."""
+    from test_docs import DOCS, extract_blocks
+
+    code = extract_blocks((DOCS / "custom-adapter.md").read_text())[0][1]
+    namespace = {"__name__": "docs.custom_adapter"}
+    exec(compile(code, "custom-adapter.md", "exec"), namespace)
+    return namespace["SubspaceAdapter"]
+
+
+def test_tutorial_adapter_injects_trains_saves_loads_and_exports(registry, tmp_path):
+    from peft import PeftModel
+
+    subspace = tutorial_class()
+    assert LAYERS["subspace"] is subspace and subspace.method == "subspace"
+    with pytest.raises(ValueError, match="init for 'subspace' must be one of"):
+        AdapterConfig("subspace", target_modules=["q_proj"], init="svd")
+    with pytest.raises(ValueError, match="r=9 exceeds in=8"):
+        inject_adapters(Toy(), AdapterConfig("subspace", r=9, target_modules=["q_proj"]))
+
+    torch.manual_seed(0)
+    plain = Toy()
+    model = inject_adapters(copy.deepcopy(plain), AdapterConfig(
+        "subspace", r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"], modules_to_save=["head"]))
+    x, y = torch.randn(16, 8), torch.randn(16, 3)
+    assert torch.equal(model(x), plain(x))  # B = 0
+    opt = so.RiemannianAdam(so.param_groups(model, lr=1e-2), lr=1e-2)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    assert not torch.allclose(model(x), plain(x))
+
+    save_adapters(model, tmp_path / "ckpt")
+    fresh = load_adapters(copy.deepcopy(plain), tmp_path / "ckpt")
+    layers = adapter_layers(fresh)
+    assert len(layers) == 4 and all(type(m) is subspace for m in layers.values())
+    ours, loaded = adapter_state_dict(model), adapter_state_dict(fresh)
+    assert ours.keys() == loaded.keys() and all(torch.equal(ours[k], loaded[k]) for k in ours)  # bit-identical
+    assert torch.equal(fresh(x), model(x))
+
+    export_peft(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(plain), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), model(x), rtol=1e-5, atol=1e-6)

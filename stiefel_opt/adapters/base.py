@@ -109,7 +109,9 @@ class AdapterLayer(nn.Module):
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
 
-    def _require_rank(self, limit: int, what: str) -> None:
+    def require_rank(self, limit: int, what: str) -> None:
+        """``ValueError`` naming the module and its weight's shape when ``r > limit`` (``what``
+        names the limit, e.g. ``"min(out, in)"``): a constraint a subclass checks in ``__init__``."""
         if self.r > limit:
             raise ValueError(
                 f"{self.method} adapter on {self.module_name or 'module'} with weight (out={self.out_features}, "

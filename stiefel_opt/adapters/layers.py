@@ -127,7 +127,7 @@ class _CoreLayer(AdapterLayer):
     def __init__(self, base_layer, r, lora_alpha, lora_dropout=0.0, use_rslora=False, name="",
                  init="default", core=None):
         super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora, name, init, core)
-        self._require_rank(min(self.out_features, self.in_features), "min(out, in)")
+        self.require_rank(min(self.out_features, self.in_features), "min(out, in)")
         core = self.core_kind
         if init == "svd":
             with torch.no_grad():
@@ -204,7 +204,7 @@ class SymLoraLayer(AdapterLayer):
                 f"(out={self.out_features}, in={self.in_features}); exclude this module or use "
                 "method 'polar'/'stella'/'lora' for it"
             )
-        self._require_rank(self.in_features, "the weight size")
+        self.require_rank(self.in_features, "the weight size")
         self.spectral = SharedQSpectral(self.in_features, r, core=self.core_kind,
                                         init_scale=0.0, **self.factory_kwargs)
 
