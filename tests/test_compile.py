@@ -14,6 +14,7 @@ _REF: dict = {}  # (twin, flags) → (params, state) of compiled torch, computed
 
 
 def _compiled_run(cls, flags):
+    torch._dynamo.reset()  # each run compiles afresh: no run falls back to eager at the recompile limit
     g = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
     opt = cls(ps, **KWARGS[TWIN.get(cls, cls)], **flags)
