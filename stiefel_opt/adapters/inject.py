@@ -257,7 +257,7 @@ class AdapterState:
         ``ValueError`` for an entry that matches nothing."""
         found = []
         for m in self.config.modules_to_save or ():
-            hits = [(n, mod) for n, mod in model.named_modules() if n == m or n.endswith("." + m)]
+            hits = [(n, mod) for n, mod in model.named_modules() if _matches_list(n, (m,))]
             if not hits:
                 raise ValueError(f"inject_adapters: modules_to_save entry {m!r} matches no module of "
                                  f"{type(model).__name__}")
@@ -286,14 +286,18 @@ class AdapterState:
 
     def unload(self, model: nn.Module, *, merge: bool, safe_merge: bool = False) -> nn.Module:
         """Put the base layers of ``model`` back (after merging ΔW into them when ``merge``) and
-        remove this state from it; returns ``model``."""
-        for name, layer in self.layers(model).items():
-            if merge and not layer.merged:
-                layer.merge(safe_merge=safe_merge)
-            _set_submodule(model, name, layer.base_layer)
-        if getattr(model, _STATE_ATTR, None) is self:
-            delattr(model, _STATE_ATTR)
-        return model
+        remove the state from it; returns ``model``."""
+        return _unload(model, merge, safe_merge)
+
+
+def _unload(model: nn.Module, merge: bool, safe_merge: bool = False) -> nn.Module:
+    for name, layer in adapter_layers(model).items():
+        if merge and not layer.merged:
+            layer.merge(safe_merge=safe_merge)
+        _set_submodule(model, name, layer.base_layer)
+    if hasattr(model, _STATE_ATTR):
+        delattr(model, _STATE_ATTR)
+    return model
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
@@ -351,5 +355,4 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """Merge every adapter and put the base layers back: a plain model with W + ΔW."""
     if not adapter_layers(model):
         raise ValueError(f"merge_and_unload: {type(model).__name__} has no adapters")
-    state = AdapterState.of(model) or AdapterState(None, ())
-    return state.unload(model, merge=True, safe_merge=safe_merge)
+    return _unload(model, merge=True, safe_merge=safe_merge)
