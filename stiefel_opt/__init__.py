@@ -3,7 +3,8 @@
 Layers (imports point down only): adapters → optim → manifolds → functional (→ kernels).
 """
 from . import functional
-from .manifolds import SharedQSpectral, Stiefel, StiefelParameter, constrain
+from .manifolds import MatrixManifold, SharedQSpectral, Stiefel, StiefelParameter, constrain
+from .oblique import Oblique
 from .optim.lora_rite import LoRARITE
 from .optim import LandingAdam, LandingSGD, RiemannianAdam, RiemannianSGD, landing, riemannian
 from . import diagnostics
@@ -27,6 +28,8 @@ __all__ = [
     "functional",
     "recipes",
     "Stiefel",
+    "Oblique",
+    "MatrixManifold",
     "StiefelParameter",
     "SharedQSpectral",
     "constrain",

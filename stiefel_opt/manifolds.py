@@ -244,6 +244,11 @@ class Stiefel(MatrixManifold):
         """``m`` reshaped back to the points' ``shape``."""
         return m.reshape(shape)
 
+    def matrix_shape(self, shape) -> torch.Size:
+        """(…, n, ∏ rest): the trailing ``ndim`` dims as one matrix."""
+        lead = len(shape) - self.ndim
+        return torch.Size((*shape[:lead], shape[lead], math.prod(shape[lead + 1:])))
+
 
 def manifold_from_spec(spec, where: str) -> MatrixManifold | None:
     """The manifold a (possibly loaded) param group names: what :func:`as_manifold` accepts, or the
