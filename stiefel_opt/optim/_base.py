@@ -1,18 +1,20 @@
-"""Shared machinery of the Stiefel optimizers.
+"""The package's optimizers on the batching engine (:mod:`._engine`): a ``torch.optim`` twin on
+Euclidean parameters, a transactional manifold step on the others.
 
-- Which parameters are constrained: a param group's ``"manifold"`` (``"stiefel"`` or a
-  ``Stiefel``; normalized by :func:`~stiefel_opt.manifolds.as_stiefel` and kept in the group, so
-  it survives FSDP2, which drops tensor subclasses), else the parameter's own ``.manifold`` when it
-  is a Stiefel manifold (``StiefelParameter``, geoopt ``ManifoldParameter``).
+- Which parameters are constrained: a param group's ``"manifold"`` (a name or a
+  :class:`~stiefel_opt.manifolds.MatrixManifold`, normalized by
+  :func:`~stiefel_opt.manifolds.as_manifold` and kept in the group, so it survives FSDP2, which
+  drops tensor subclasses), else the parameter's own manifold (:func:`._engine.param_manifold`).
 - Euclidean parameters get exactly the ``torch.optim`` twin's update: the twin's own
   ``_init_group`` and functional ``sgd``/``adam`` with the group's flags.
-- Manifold parameters of equal matrix shape, dtype, device, metric and retraction are updated as
-  one (B, n, p) stack through the step function of :data:`STEP_FUNCTIONS` (the one dispatch point).
-  Their optimizer state tensors are views into per-bucket stacked buffers, so a step copies only
-  the parameters and gradients in and the parameters out.
-- bf16/fp16 manifold parameters keep an fp32 master copy (``state["master"]``) and fp32 moments.
-- A non-finite gradient matrix is skipped (``nonfinite="skip"``: a ``RuntimeWarning``, and
-  ``state["nonfinite_skips"]`` counts the matrices) or raises (``nonfinite="raise"``).
+- Manifold parameters are stepped per engine :class:`._engine.Bucket` by the batched step the
+  subclass names (``_STEP``): a direction rule (:class:`SGDFamily`: momentum; :class:`AdamFamily`:
+  moments) composed with a geometry update (retract-and-transport or land) in
+  :mod:`stiefel_opt.functional`. bf16/fp16 parameters keep an fp32 master (``state["master"]``).
+- A step is all-or-nothing per matrix: every bucket of every group is computed first (state
+  updated in place after a backup, rolled back if anything fails), non-finite inputs are masked
+  and skipped (``nonfinite="skip"``, counted in ``state["nonfinite_skips"]``) or raise
+  (``"raise"``), and only then are parameters written and Euclidean parameters stepped.
 """
 from __future__ import annotations
 
