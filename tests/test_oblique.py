@@ -12,8 +12,6 @@ from stiefel_opt import Oblique
 from stiefel_opt import functional as F
 from stiefel_opt._geoopt import geoopt
 
-torch.set_default_dtype(torch.float64)
-
 shapes = st.sampled_from([(7, 3), (3, 7), (5, 1), (1, 4), (2, 6, 4)])
 
 
@@ -24,6 +22,15 @@ def _draw(shape, seed):
 
 def _columns_normalised(a):
     return a / torch.linalg.vector_norm(a, dim=-2, keepdim=True)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These tests compare to 1e-12 in float64 (restored after each test: no leak into other files)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 @settings(deadline=None)
