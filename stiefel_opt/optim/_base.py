@@ -51,7 +51,8 @@ def _ensure_finite_points(x: Tensor, bad: Tensor) -> Tensor:
 
 class StiefelOptimizer:
     """Mixin for an optimizer that is a ``torch.optim`` twin on Euclidean parameters and a
-    Stiefel optimizer on manifold parameters. Subclasses define ``_STEP`` (the step function name),
+    Stiefel optimizer on manifold parameters. Subclasses define ``_STEP`` (the step function name; its direction
+    rule ``_RULE`` comes from the family, its geometry update ``_UPDATE`` is "retract" or "land"),
     ``_EXTRA`` (their own group keys), ``_bucket_tag``, ``_euclidean_step`` and ``_manifold_update``.
 
     A step is all-or-nothing per matrix: every manifold update of every group is computed on copies
@@ -61,6 +62,8 @@ class StiefelOptimizer:
     """
 
     _STEP: str = ""
+    _RULE: str = ""  # the direction rule: "sgd" (momentum) or "adam" (moments); set by the family
+    _UPDATE: str = "retract"  # the geometry update: "retract" (retract and transport) or "land" (safe step)
     _COMMON = ("manifold", "retraction", "nonfinite", "master_weights", "backend", "compile")
     _EXTRA: tuple[str, ...] = ()
     _SCALAR_KEYS: tuple[str, ...] = ()
@@ -213,7 +216,7 @@ class StiefelOptimizer:
                 raise ValueError(f"{type(self).__name__}: {where} has no entries; an empty matrix has no "
                                  "orthonormal frame")
             retraction = group["retraction"] or m.retraction
-            p_loc, g_loc, layout = _dist.local_parts(p, m, self, group, retraction if "riemannian" in self._STEP else None)
+            p_loc, g_loc, layout = _dist.local_parts(p, m, self, group, retraction if self._UPDATE == "retract" else None)
             mshape = tuple(m.matrix_shape(p_loc.shape)[-2:])
             state = self.state[p] if p in self.state else {}
             master = p.dtype in F._LOW_PRECISION and group["master_weights"] is not False
@@ -308,7 +311,7 @@ class StiefelOptimizer:
     def _stalled(self, b: Bucket, x: Tensor, x_new: Tensor, bad: Tensor) -> Tensor:
         """(B,) mask of matrices a landing step may have left exactly in place (none for retractions):
         their first row did not move (a zero step moves no row; a false alarm only costs a check of d)."""
-        if not self._STEP.startswith("landing") or b.layout is not None:
+        if self._UPDATE != "land" or b.layout is not None:
             return torch.zeros_like(bad)
         return (x_new[:, 0] == x[:, 0]).all(-1) & ~bad
 
@@ -505,6 +508,7 @@ def _spec_or_none(m: MatrixManifold | None) -> dict | None:
 class SGDFamily(StiefelOptimizer):
     """Momentum handling shared by RiemannianSGD and LandingSGD (twin: ``torch.optim.SGD``)."""
 
+    _RULE = "sgd"
     _STATE_KEYS = ("momentum_buffer",)
 
     def _bucket_tag(self, group: dict, state: dict):
@@ -543,6 +547,7 @@ class SGDFamily(StiefelOptimizer):
 class AdamFamily(StiefelOptimizer):
     """Moment handling shared by RiemannianAdam and LandingAdam (twin: ``torch.optim.Adam``)."""
 
+    _RULE = "adam"
     _SCALAR_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
     _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _UNSEEN_STATE = ("exp_avg_sq", "max_exp_avg_sq")

@@ -73,9 +73,9 @@ def check_foreign(opt, group: dict, i: int, p: Tensor) -> None:
 
 def foreign_updates(opt, gi: int, group: dict, items: list) -> tuple[list[Callable[[], None]], list]:
     """Split ``items`` ((index, parameter, manifold) of group ``gi``, all with a gradient): compute the
-    update of the foreign ones (SGD or Adam according to ``opt._STEP``) without writing it. Returns
+    update of the foreign ones (SGD or Adam according to ``opt._RULE``) without writing it. Returns
     (one commit callable per foreign parameter, the other items)."""
-    kind = {"riemannian_sgd": _sgd, "riemannian_adam": _adam}.get(opt._STEP)
+    kind = {"sgd": _sgd, "adam": _adam}[opt._RULE] if opt._UPDATE == "retract" else None
     commits, rest = [], []
     for i, p, m in items:
         if not is_foreign(m):

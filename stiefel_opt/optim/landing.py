@@ -16,7 +16,9 @@ MAX_LAM = 1e6
 
 
 class _LandingChecks:
+    _UPDATE = "land"
     _POINT_SET = True
+
     def _check_group(self, group: dict) -> None:
         check_own_manifolds(self, group)
         name, gi = type(self).__name__, group_index(self, group)
