@@ -4,7 +4,7 @@ Each optimizer is its ``torch.optim`` twin on Euclidean parameters; Stiefel para
 ``StiefelParameter``, a geoopt ``ManifoldParameter`` on a Stiefel manifold, or any parameter in a
 param group with ``"manifold": "stiefel"``) get the manifold update, batched over equal shapes.
 """
-from ._engine import BACKENDS, STEP_FUNCTIONS, step_function
+from ._engine import BACKENDS, STEP_FUNCTIONS, register_step, step_function
 from .landing import LandingAdam, LandingSGD
 from .lora_rite import LoRARITE
 from .riemannian import RiemannianAdam, RiemannianSGD
@@ -21,5 +21,6 @@ __all__ = [
     "TANGENT_STATE_KEYS",
     "BACKENDS",
     "STEP_FUNCTIONS",
+    "register_step",
     "step_function",
 ]

@@ -30,7 +30,7 @@ from .._geoopt import Manifold
 from .._geoopt import geoopt as _geoopt
 from ..manifolds import MatrixManifold, Stiefel, as_manifold, is_stiefel
 
-__all__ = ["BACKENDS", "STEP_FUNCTIONS", "step_function", "param_manifold", "is_foreign", "Bucket",
+__all__ = ["BACKENDS", "STEP_FUNCTIONS", "register_step", "step_function", "param_manifold", "is_foreign", "Bucket",
            "nonfinite_matrices", "nonfinite_message", "compute_dtype"]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -49,6 +49,21 @@ STEP_FUNCTIONS: dict[str, dict[str, Callable]] = {
 }
 """Backend → {step name → batched step function}: ``"torch"`` holds the ``*_update`` functions of
 :mod:`stiefel_opt.functional`, ``"triton"`` is :data:`kernels.FUSED_STEPS` (same contracts)."""
+
+
+def register_step(name: str, fn: Callable, backend: str = "torch", *, replace: bool = False) -> Callable:
+    """Register ``fn`` as the batched step ``name`` of ``backend`` (``"torch"``, or ``"triton"`` for a
+    fused kernel with the contract of the torch step of the same name); an optimizer whose ``_STEP``
+    is ``name`` then dispatches to it. Re-registering a name raises ``ValueError`` unless ``replace``."""
+    if backend not in STEP_FUNCTIONS:
+        raise ValueError(f"register_step: backend must be one of {tuple(STEP_FUNCTIONS)}, got {backend!r}")
+    if not callable(fn):
+        raise TypeError(f"register_step: fn must be callable, got {type(fn).__name__}")
+    if name in STEP_FUNCTIONS[backend] and not replace:
+        raise ValueError(f"register_step: {name!r} is already registered for backend {backend!r}; pass "
+                         "replace=True to replace it")
+    STEP_FUNCTIONS[backend][name] = fn
+    return fn
 
 
 def check_backend(backend: str) -> None:

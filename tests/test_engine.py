@@ -1,0 +1,75 @@
+"""The batching engine (optim/_engine.py): buckets through a geometry's matrix layout, the one rule
+for reusing stacked state, and the step registry."""
+import pytest
+import torch
+
+import stiefel_opt as so
+from stiefel_opt import functional as F
+from stiefel_opt.optim import STEP_FUNCTIONS, register_step
+from stiefel_opt.optim._engine import Bucket
+
+
+@pytest.mark.parametrize("geometry,shapes", [
+    (so.Stiefel(), [(5, 3), (2, 5, 3)]),
+    (so.Stiefel(ndim=4), [(4, 2, 3, 3), (4, 2, 3, 3)]),
+    (so.Oblique(), [(5, 3), (2, 5, 3)]),
+])
+def test_stack_and_unstack_are_inverse_through_the_geometry(geometry, shapes):
+    ts = [torch.randn(s) for s in shapes]
+    mshape = tuple(geometry.matrix_shape(shapes[0])[-2:])
+    b = Bucket(geometry, mshape, torch.float32)
+    for t in ts:
+        b.add(t, t, t, {}, "p")
+    stack = b.stack(ts)
+    assert stack.shape == (b.size, *mshape)
+    assert torch.equal(stack, torch.cat([geometry.to_matrix(t).reshape(-1, *mshape) for t in ts]))
+    out = [torch.empty_like(t) for t in ts]
+    b.unstack_into(out, stack)
+    assert all(torch.equal(a, t) for a, t in zip(out, ts))
+
+
+@pytest.mark.parametrize("geometry", [so.Stiefel(), so.Oblique()])
+def test_assigned_state_is_a_view_reused_until_an_entry_is_replaced(geometry):
+    ts = [torch.randn(6, 3), torch.randn(6, 3)]
+    b = Bucket(geometry, tuple(geometry.matrix_shape((6, 3))[-2:]), torch.float32)
+    for t in ts:
+        b.add(t, t, t, {}, "p")
+    buf = b.stack(ts)
+    b.assign("m", buf)
+    assert all(torch.equal(s["m"], t) for s, t in zip(b.states, ts))  # the parameter's layout
+    assert b.stacked("m") is buf and b.viewed("m", buf)  # views in order: no copy
+    b.states[1]["m"] = b.states[1]["m"].clone()  # e.g. load_state_dict replaced an entry
+    again = b.stacked("m")
+    assert again is not buf and torch.equal(again, buf)
+    b.states[0]["m"] = torch.zeros(3, 6)
+    with pytest.raises(ValueError, match="resized"):
+        b.stacked("m")
+
+
+def test_register_step_dispatches_a_new_step_and_refuses_duplicates():
+    calls = []
+
+    def doubled_lr_update(x, g, buf, **kw):
+        calls.append(kw["lr"])
+        return F.riemannian_sgd_update(x, g, buf, **{**kw, "lr": 2 * kw["lr"]})
+
+    register_step("test_doubled_lr_sgd", doubled_lr_update)
+    try:
+        class Doubled(so.RiemannianSGD):
+            _STEP = "test_doubled_lr_sgd"
+
+        x0 = so.Stiefel().random(7, 2)
+        a, b = torch.nn.Parameter(x0.clone()), torch.nn.Parameter(x0.clone())
+        g = torch.randn(7, 2)
+        a.grad, b.grad = g.clone(), g.clone()
+        Doubled([{"params": [a], "manifold": "stiefel"}], lr=0.05).step()
+        so.RiemannianSGD([{"params": [b], "manifold": "stiefel"}], lr=0.1).step()
+        assert calls == [0.05] and torch.equal(a, b)
+        with pytest.raises(ValueError, match="already registered"):
+            register_step("test_doubled_lr_sgd", doubled_lr_update)
+        with pytest.raises(ValueError, match="backend"):
+            register_step("x", doubled_lr_update, backend="cuda")
+        with pytest.raises(TypeError, match="callable"):
+            register_step("y", 3)
+    finally:
+        del STEP_FUNCTIONS["torch"]["test_doubled_lr_sgd"]
