@@ -113,16 +113,17 @@ def _all_reduce(t: Tensor, group, op=dist.ReduceOp.SUM) -> Tensor:
 # --- the row-sharded reduction -------------------------------------------------------------------
 
 
-class _RowSum:
-    """The reduction :mod:`stiefel_opt.functional` applies to n-row products inside :func:`row_sharded`."""
+class _RowSum(F.RowShards):
+    """The row reduction of a ``rows`` layout: n-row sums all-reduced (SUM) over the process group."""
 
-    __slots__ = ("group", "rows")
+    __slots__ = ("group",)
 
     def __init__(self, group, rows: int):
+        super().__init__(rows)
         self.group = group
-        self.rows = rows
 
     def sum(self, t: Tensor) -> Tensor:
+        """Σ over the ranks of the group of the local partial sums ``t`` (one all-reduce)."""
         return _all_reduce(t, self.group)
 
 
@@ -133,7 +134,7 @@ def row_sharded(rows: int, group=None) -> Iterator[None]:
     products (:func:`~stiefel_opt.functional.gram`), Frobenius norms and means are all-reduced
     (SUM) over the group, and no matrix is transposed as "wide" (a local block may have fewer
     rows than columns). Every rank of the group must run the same calls."""
-    with F._row_reduction(_RowSum(group, rows)):
+    with F.layout._row_reduction(_RowSum(group, rows)):
         yield
 
 

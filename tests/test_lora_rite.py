@@ -514,11 +514,8 @@ def test_basis_of_zero_factor_has_zero_pseudo_inverse():
     assert r_pinv.dtype == torch.float32
 
 
-class _OneShard:
-    """A row-sharded reduction over a single shard (the sum over shards is the local value)."""
-
-    def __init__(self, rows):
-        self.rows = rows
+class _OneShard(F.RowShards):
+    """Row shards with a single shard (the sum over shards is the local value)."""
 
     def sum(self, t):
         return t
@@ -541,8 +538,7 @@ def test_row_sharded_basis_spans_the_factor_like_householder(r, data):
     sigma = scale * (0.5 + 1.5 * torch.rand(k, generator=g, dtype=dt))
     y = (q1 * sigma) @ q2.T
     grad = torch.randn(n + 2, r, generator=g, dtype=dt)
-    with F._row_reduction(_OneShard(n)):
-        u, r_pinv = F.rite_basis(y)
+    u, r_pinv = F.rite_basis(y, rows=_OneShard(n))
     u_h, r_pinv_h = F.rite_basis(y)
     eye_k = torch.diag((u.norm(dim=0) > 0.5).to(dt))
     assert int(eye_k.trace()) == k
