@@ -163,7 +163,26 @@ def _land_safely(x: Tensor, g: Tensor, rule, *, lr: float, lam: float, safe_eps:
     return _land(x, rule.landing_input(g, t, d), xtx, scale, lr=lr, lam=lam, safe_eps=safe_eps, rows=rows)
 
 
-# --- the four steps ------------------------------------------------------------------------------
+# --- the four steps: direction rule × geometry update ----------------------------------------------
+
+
+def _momentum_step(update, x: Tensor, g: Tensor, buf: Tensor | None, momentum: float, dampening: float,
+                   nesterov: bool, rows: Rows, **options) -> tuple[Tensor, Tensor | None]:
+    """(X⁺, buf) of the geometry ``update`` driven by SGD momentum, on the tall form of every matrix."""
+    wide, (x, g, buf) = _tall_all(x, g, buf, rows=rows)
+    rule = _Momentum(buf, momentum, dampening, nesterov)
+    x_new = update(x, g, rule, rows=rows, **options)
+    if wide:
+        return _mT(x_new), _mT(rule.buf)
+    return x_new, rule.buf
+
+
+def _adam_step(update, x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+               step: int, beta1: float, beta2: float, eps: float, scalar_v: bool, rows: Rows, **options) -> Tensor:
+    """X⁺ of the geometry ``update`` driven by Adam (moments in place), on the tall form of every matrix."""
+    wide, (x, g, *state) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, rows=rows)
+    x_new = update(x, g, _Adam(*state, step, beta1, beta2, eps, scalar_v, rows), rows=rows, **options)
+    return _mT(x_new) if wide else x_new
 
 
 def riemannian_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
@@ -173,12 +192,8 @@ def riemannian_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float
     first step → buf = ξ); X⁺ = R_X(−lr·D); buf ← P_{X⁺}(buf) (transport by projection).
 
     Returns (X⁺, buf) — buf is updated in place when given, created when None and momentum > 0."""
-    wide, (x, g, buf_t) = _tall_all(x, g, buf, rows=rows)
-    rule = _Momentum(buf_t, momentum, dampening, nesterov)
-    x_new = _retract_and_transport(x, g, rule, lr=lr, retraction=retraction, metric=metric, rows=rows)
-    if wide:
-        return _mT(x_new), _mT(rule.buf)
-    return x_new, rule.buf
+    return _momentum_step(_retract_and_transport, x, g, buf, momentum, dampening, nesterov, rows, lr=lr,
+                          retraction=retraction, metric=metric)
 
 
 def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -191,10 +206,8 @@ def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Te
     ξ = rgrad(X, G); m ← β1 m + (1−β1) ξ; v ← β2 v + (1−β2) ξ⊙ξ (scalar_v: mean(ξ²) per matrix,
     as Bécigneul & Ganea / geoopt but normalised per entry); D = (m/bc1)/(√v̂/√bc2 + eps), projected
     onto the tangent space at X when v is element-wise; X⁺ = R_X(−lr·D); m ← P_{X⁺}(m)."""
-    wide, (x, g, *state) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, rows=rows)
-    rule = _Adam(*state, step, beta1, beta2, eps, scalar_v, rows)
-    x_new = _retract_and_transport(x, g, rule, lr=lr, retraction=retraction, metric=metric, rows=rows)
-    return _mT(x_new) if wide else x_new
+    return _adam_step(_retract_and_transport, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, beta1, beta2, eps,
+                      scalar_v, rows, lr=lr, retraction=retraction, metric=metric)
 
 
 def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, momentum: float = 0.0,
@@ -205,12 +218,8 @@ def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, m
     :func:`landing_field`; the relative form keeps the safe-step bound valid for a momentum built
     at earlier points, and Λ vanishes at critical points where T = 0); X⁺ = X − ηΛ with the
     per-matrix η = min(lr, η*) of :func:`safe_step`. O(np²): only p×p Grams. Returns (X⁺, buf)."""
-    wide, (x, g, buf_t) = _tall_all(x, g, buf, rows=rows)
-    rule = _Momentum(buf_t, momentum, dampening, nesterov)
-    x_new = _land_safely(x, g, rule, lr=lr, lam=lam, safe_eps=safe_eps, rows=rows)
-    if wide:
-        return _mT(x_new), _mT(rule.buf)
-    return x_new, rule.buf
+    return _momentum_step(_land_safely, x, g, buf, momentum, dampening, nesterov, rows, lr=lr, lam=lam,
+                          safe_eps=safe_eps)
 
 
 def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
@@ -223,7 +232,5 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     D = (m/bc1)/(√v̂/√bc2 + eps) (scalar_v: v = EMA of mean(T²) per matrix); D re-projected in the
     same relative form, Λ = ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I); X⁺ = X − ηΛ with the per-matrix
     η = min(lr, η*) of :func:`safe_step`. O(np²)."""
-    wide, (x, g, *state) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, rows=rows)
-    rule = _Adam(*state, step, beta1, beta2, eps, scalar_v, rows)
-    x_new = _land_safely(x, g, rule, lr=lr, lam=lam, safe_eps=safe_eps, rows=rows)
-    return _mT(x_new) if wide else x_new
+    return _adam_step(_land_safely, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, beta1, beta2, eps, scalar_v,
+                      rows, lr=lr, lam=lam, safe_eps=safe_eps)
