@@ -46,7 +46,7 @@ from . import functional as F
 from .manifolds import Stiefel, as_stiefel, is_stiefel
 
 __all__ = [
-    "row_sharded",
+    "row_sum",
     "count_communication",
     "CommCount",
     "shard_safe",
@@ -118,24 +118,28 @@ class _RowSum(F.RowShards):
 
     __slots__ = ("group",)
 
-    def __init__(self, group, rows: int):
+    def __init__(self, rows: int, group):
         super().__init__(rows)
         self.group = group
 
     def sum(self, t: Tensor) -> Tensor:
-        """Σ over the ranks of the group of the local partial sums ``t`` (one all-reduce)."""
+        """Σ over the ranks of the group of the local partial sums ``t`` (one all-reduce). Not
+        inside torch.compile (the counted all-reduce does not trace)."""
+        if torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "row-sharded (FSDP2) Stiefel steps do not run inside torch.compile: compile the "
+                "forward and backward, and call optimizer.step() outside the compiled region"
+            )
         return _all_reduce(t, self.group)
 
 
-@contextlib.contextmanager
-def row_sharded(rows: int, group=None) -> Iterator[None]:
-    """Inside the block, :mod:`stiefel_opt.functional` treats every matrix as the local row block
-    of a tall matrix with ``rows`` rows in all, split over the process ``group``: n-row Gram
-    products (:func:`~stiefel_opt.functional.gram`), Frobenius norms and means are all-reduced
-    (SUM) over the group, and no matrix is transposed as "wide" (a local block may have fewer
-    rows than columns). Every rank of the group must run the same calls."""
-    with F.layout._row_reduction(_RowSum(group, rows)):
-        yield
+def row_sum(rows: int, group=None) -> F.Rows:
+    """The row reduction to pass as ``rows=`` to :mod:`stiefel_opt.functional` when every matrix is
+    the local row block of a tall matrix with ``rows`` rows in all, split over the process
+    ``group``: n-row Gram products (:func:`~stiefel_opt.functional.gram`), Frobenius norms and means
+    are all-reduced (SUM) over the group, and no matrix is transposed as "wide" (a local block may
+    have fewer rows than columns). Every rank of the group must run the same calls."""
+    return _RowSum(rows, group)
 
 
 # --- shard layouts of DTensor parameters ----------------------------------------------------------
@@ -238,12 +242,12 @@ def factor_parts(p: Tensor, long_dim: int, describe: Callable[[], str]) -> tuple
                                       tuple(p.shape))
 
 
-def reduction(layout: _Layout | None):
-    """The context in which :mod:`stiefel_opt.functional` reduces over the rows of ``layout``
-    (:func:`row_sharded` for a ``rows`` layout; no reduction otherwise)."""
+def reduction(layout: _Layout | None) -> F.Rows:
+    """The row reduction of ``layout`` for the ``rows=`` of :mod:`stiefel_opt.functional`:
+    :func:`row_sum` for a ``rows`` layout, :data:`~stiefel_opt.functional.LOCAL` otherwise."""
     if layout is None or layout.mode != "rows":
-        return contextlib.nullcontext()
-    return row_sharded(layout.full, layout.group)
+        return F.LOCAL
+    return row_sum(layout.full, layout.group)
 
 
 def agree(bad: Tensor, layout: _Layout | None) -> Tensor:
@@ -275,8 +279,10 @@ def local_block(t: Tensor, layout: _Layout, n: int) -> Tensor:
 
 
 def sharded_step(fn: Callable, layout: _Layout, backend: str) -> Callable:
-    """Wrap a batched step function of :mod:`stiefel_opt.functional` (``fn(x, g, *state, **kw)``,
-    moments updated in place, X⁺ or (X⁺, buf) returned) to run on the local blocks of ``layout``."""
+    """Wrap a batched step function of :mod:`stiefel_opt.functional` (``fn(x, g, *state, rows=, **kw)``,
+    moments updated in place, X⁺ or (X⁺, buf) returned) to run on the local blocks of ``layout``:
+    a ``rows`` layout passes its row reduction as ``rows=`` (:func:`reduction`), a ``gather``
+    layout runs ``fn`` on the whole matrices (``rows`` left at its default)."""
     if backend == "triton":
         raise ValueError(
             "backend='triton': the fused kernels do not run on FSDP2 shards; use backend='auto' or "
@@ -286,6 +292,8 @@ def sharded_step(fn: Callable, layout: _Layout, backend: str) -> Callable:
 
 
 def _rows_step(fn: Callable, layout: _Layout) -> Callable:
+    rows = reduction(layout)
+
     def step(x, g, *state, **kw):
         mshape = x.shape
         flip = layout.axis == -1  # columns are the long side: the tall form is the transpose
@@ -293,8 +301,7 @@ def _rows_step(fn: Callable, layout: _Layout) -> Callable:
         def tall(t):
             return t.transpose(-1, -2) if flip and t is not None and t.shape == mshape else t
 
-        with row_sharded(layout.full, layout.group):
-            out = fn(tall(x), tall(g), *(tall(t) for t in state), **kw)
+        out = fn(tall(x), tall(g), *(tall(t) for t in state), rows=rows, **kw)
         if isinstance(out, tuple):
             return tuple(t.transpose(-1, -2) if flip and t is not None else t for t in out)
         return out.transpose(-1, -2) if flip else out

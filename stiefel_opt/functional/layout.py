@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import inspect
 
@@ -64,61 +62,7 @@ class Rows:
         return "LOCAL"
 
 
-class _Ambient(Rows):
-    """Transitional: the row reduction set by :func:`_row_reduction` (a ContextVar, for callers
-    that do not pass ``rows=`` yet), else local math."""
-
-    __slots__ = ()
-
-    def _active(self) -> Rows:
-        if torch.compiler.is_compiling():
-            if _ROW_REDUCE_DEPTH:
-                raise NotImplementedError(
-                    "row-sharded (FSDP2) Stiefel steps do not run inside torch.compile: compile the "
-                    "forward and backward, and call optimizer.step() outside the compiled region"
-                )
-            return _PLAIN
-        return _ROW_REDUCE.get() or _PLAIN
-
-    @property
-    def sharded(self) -> bool:
-        return self._active().sharded
-
-    def sum(self, t):
-        return self._active().sum(t)
-
-    def is_wide(self, x):
-        return self._active().is_wide(x)
-
-    def gram(self, a, b):
-        return self._active().gram(a, b)
-
-    def frobenius(self, a):
-        return self._active().frobenius(a)
-
-    def mean_square(self, a):
-        return self._active().mean_square(a)
-
-
-_ROW_REDUCE: contextvars.ContextVar = contextvars.ContextVar("stiefel_opt_row_reduce", default=None)
-_ROW_REDUCE_DEPTH = 0
-_PLAIN = Rows()
-
-
-@contextlib.contextmanager
-def _row_reduction(reduce: Rows):
-    """Make ``reduce`` the row reduction of every call that does not pass ``rows=`` (transitional)."""
-    global _ROW_REDUCE_DEPTH
-    token = _ROW_REDUCE.set(reduce)
-    _ROW_REDUCE_DEPTH += 1
-    try:
-        yield
-    finally:
-        _ROW_REDUCE_DEPTH -= 1
-        _ROW_REDUCE.reset(token)
-
-
-LOCAL = _Ambient()
+LOCAL = Rows()
 """All rows of every matrix are here: plain local math (the default of every ``rows=``)."""
 
 

@@ -359,13 +359,10 @@ class LoRARITE(torch.optim.Optimizer):
         xa, ga = xa.transpose(-1, -2), ga.transpose(-1, -2)  # k×in×r (tall Aᵀ; local rows when sharded)
         side_a = self._side_state(a_params, xa.shape[-2], xb.shape[-2], r, cdt)
         side_b = self._side_state(b_params, xb.shape[-2], xa.shape[-2], r, cdt)
-        with _dist.reduction(la):
-            ua, ra_pinv = F.rite_basis(xa)
-        with _dist.reduction(lb):
-            ub, rb_pinv = F.rite_basis(xb)
-            gram_b = F.rite_unmagnified_gram(gb, ra_pinv)
-        with _dist.reduction(la):
-            gram_a = F.rite_unmagnified_gram(ga, rb_pinv)
+        ua, ra_pinv = F.rite_basis(xa, rows=_dist.reduction(la))
+        ub, rb_pinv = F.rite_basis(xb, rows=_dist.reduction(lb))
+        gram_b = F.rite_unmagnified_gram(gb, ra_pinv, rows=_dist.reduction(lb))
+        gram_a = F.rite_unmagnified_gram(ga, rb_pinv, rows=_dist.reduction(la))
         diag = torch.cat([gram_a.diagonal(dim1=-2, dim2=-1), gram_b.diagonal(dim1=-2, dim2=-1)], -1)
         ok = torch.isfinite(diag).all(-1)
         bad = None
@@ -437,8 +434,7 @@ class LoRARITE(torch.optim.Optimizer):
         b1 = beta1 * (1 - beta1 ** (t - 1)) / (1 - beta1**t)
         b2 = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
         v_old, rho = side["exp_avg_sq"], side["escaped_mass"]
-        with _dist.reduction(partner_layout):
-            p, v_moved = F.rite_transport(u_partner, side["partner_basis"], v_old)
+        p, v_moved = F.rite_transport(u_partner, side["partner_basis"], v_old, rows=_dist.reduction(partner_layout))
         if group["escaped_mass"]:
             rho.copy_(b2 * (rho + F.rite_escaped_mass(v_old, v_moved)))
         c2 = 1.0 if coeff is None else coeff.square().to(x.dtype)

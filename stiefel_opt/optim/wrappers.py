@@ -117,7 +117,8 @@ def _buckets(optimizer, wrap: "_Wrap", items: list) -> list[tuple[Bucket, float 
 
 
 def _on_shards(fn, layout):
-    """``fn(x, y)`` (two stacks of local matrices → a local stack) run on the shards of ``layout``."""
+    """``fn(x, y, rows=)`` (two stacks of local matrices → a local stack) run on the shards of ``layout``
+    (a ``rows`` layout passes its row reduction as ``rows=``)."""
     return fn if layout is None else _dist.sharded_step(fn, layout, "torch")
 
 
@@ -183,17 +184,17 @@ class _Wrap:
                 b.unstack_into(b.grads, _on_shards(self._field, b.layout)(x, g, metric=b.geometry.metric))
                 self._saved.append((b, scale, x.clone(), bad))
 
-    def _field(self, x: Tensor, g: Tensor, metric: str) -> Tensor:
+    def _field(self, x: Tensor, g: Tensor, metric: str, rows: F.Rows = F.LOCAL) -> Tensor:
         """The gradient handed to the inner optimizer: rgrad(X, G), or the (clipped) landing field;
         the polar field is 2·Λ_relative(λ/2) (exact: powers of two)."""
         if self.kind == "riemannian":
-            return F.egrad2rgrad(x, g, metric)
+            return F.egrad2rgrad(x, g, metric, rows=rows)
         if self.field == "polar":
-            field = 2.0 * F.landing_field(x, g, self.lam / 2.0)
+            field = 2.0 * F.landing_field(x, g, self.lam / 2.0, rows=rows)
         else:
-            field = F.landing_field(x, g, self.lam)
+            field = F.landing_field(x, g, self.lam, rows=rows)
         if self.clip is not None:
-            norm = F._frobenius(field).clamp_min(torch.finfo(field.dtype).tiny)
+            norm = F._frobenius(field, rows=rows).clamp_min(torch.finfo(field.dtype).tiny)
             field = field * (self.clip / norm).clamp_max(1.0)[..., None, None]
         return field
 
@@ -243,25 +244,26 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _retract_displacement(x_old: Tensor, x_new: Tensor, method: str, metric: str, scale: float | None) -> Tensor:
+def _retract_displacement(x_old: Tensor, x_new: Tensor, method: str, metric: str, scale: float | None,
+                          rows: F.Rows = F.LOCAL) -> Tensor:
     """R_{X_old}(P_{X_old}(s·(X_new − X_old))), s = ``scale`` or 1: StelLA's projection of the inner
     step, then the retraction."""
     delta = x_new - x_old
     if scale is not None:
         delta = delta * scale
-    return F.retract(x_old, F.proj_tangent(x_old, delta), method, metric)
+    return F.retract(x_old, F.proj_tangent(x_old, delta, rows=rows), method, metric, rows=rows)
 
 
-def _backtrack(x_old: Tensor, x_new: Tensor, eps: float, halvings: int = 30) -> Tensor:
+def _backtrack(x_old: Tensor, x_new: Tensor, eps: float, halvings: int = 30, rows: F.Rows = F.LOCAL) -> Tensor:
     """Shrink X_old + tΔ, t ∈ {1, ½, ¼, …}, per matrix until ‖XᵀX − I‖_F ≤ max(eps, d(X_old)).
 
     d(t)² = ‖E + tS + t²Q‖²_F with E = X_oldᵀX_old − I, S = 2 sym(X_oldᵀΔ), Q = ΔᵀΔ: p×p only."""
-    wide = F.is_wide(x_old)
+    wide = F.is_wide(x_old, rows=rows)
     xo = x_old.mT if wide else x_old
     delta = (x_new - x_old).mT if wide else x_new - x_old
-    e = F.gram_identity_gap(xo)
-    s = 2.0 * F.sym(F.gram(xo, delta))
-    q = F.gram(delta, delta)
+    e = F.gram_identity_gap(xo, rows=rows)
+    s = 2.0 * F.sym(F.gram(xo, delta, rows=rows))
+    q = F.gram(delta, delta, rows=rows)
     bound = torch.linalg.matrix_norm(e).clamp_min(eps)
     t = torch.ones(x_old.shape[0], dtype=x_old.dtype, device=x_old.device)
     for _ in range(halvings):
