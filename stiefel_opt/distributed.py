@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 from typing import Callable, Iterator
 
 import torch
@@ -43,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
-from .manifolds import Stiefel, as_stiefel, is_stiefel
+from .manifolds import MatrixManifold, as_manifold, is_stiefel
 
 __all__ = [
     "row_sum",
@@ -190,12 +189,13 @@ def _layout(p: Tensor, mode: str, mesh_dim: int, axis: int, gshape: tuple) -> _L
                    dist.get_world_size(pg), dist.get_rank(pg))
 
 
-def local_parts(p: Tensor, manifold: Stiefel, optimizer, group: dict,
+def local_parts(p: Tensor, manifold: MatrixManifold, optimizer, group: dict,
                 retraction: str | None) -> tuple[Tensor, Tensor, _Layout | None]:
     """(local parameter, local gradient, layout or None) for the optimizers' buckets.
 
     A plain tensor gives (p, p.grad, None). A DTensor gives its local shard and the layout of the
-    split; ``retraction`` (None for landing steps) is checked against what row shards allow."""
+    split (:meth:`~stiefel_opt.manifolds.MatrixManifold.shard_axis` says which matrix axis a split
+    dim cuts); ``retraction`` (None for landing steps) is checked against what row shards allow."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(p, DTensor):
@@ -207,13 +207,13 @@ def local_parts(p: Tensor, manifold: Stiefel, optimizer, group: dict,
     lead = p.dim() - manifold.ndim
     if dim < lead:  # whole matrices on every rank
         return local, local_grad, None
-    if dim > lead + 1:
-        raise ValueError(
-            f"{_describe(optimizer, group, p)} is sharded on dim {dim}, inside the flattened columns of "
-            f"its {manifold.ndim}-dim matrix; shard it on dim {lead} (rows) or a leading dim"
-        )
-    rows, cols = p.shape[lead], math.prod(p.shape[lead + 1:])
-    axis = -2 if dim == lead else -1
+    try:
+        axis = manifold.shard_axis(dim - lead)
+    except ValueError as err:
+        raise ValueError(f"{_describe(optimizer, group, p)} is sharded on dim {dim}: {err}") from None
+    if axis is None:  # the geometry's matrices are whole on every rank
+        return local, local_grad, None
+    rows, cols = manifold.matrix_shape(p.shape)[-2:]
     long_axis = -2 if rows >= cols else -1
     mode = "rows" if axis == long_axis else "gather"
     if mode == "rows" and retraction is not None and not shard_safe(retraction, manifold.metric):
@@ -336,15 +336,20 @@ def _gather_step(fn: Callable, layout: _Layout) -> Callable:
 # --- recording manifolds across fully_shard --------------------------------------------------------
 
 
-def stiefel_names(module: torch.nn.Module) -> dict[str, Stiefel]:
-    """Names (as ``named_parameters``) of the parameters that carry a Stiefel manifold
-    (``StiefelParameter``, geoopt ``ManifoldParameter``). Call before ``fully_shard``, which drops
-    the tensor subclasses, and pass the result to :func:`manifold_param_groups` after."""
-    return {name: as_stiefel(p.manifold) for name, p in module.named_parameters()
-            if is_stiefel(getattr(p, "manifold", None))}
+def stiefel_names(module: torch.nn.Module) -> dict[str, MatrixManifold]:
+    """Names (as ``named_parameters``) of the parameters that carry a manifold of the package
+    (``StiefelParameter``, geoopt ``ManifoldParameter`` on a Stiefel, an ``Oblique``, …). Call before
+    ``fully_shard``, which drops the tensor subclasses, and pass the result to
+    :func:`manifold_param_groups` after."""
+    out = {}
+    for name, p in module.named_parameters():
+        m = getattr(p, "manifold", None)
+        if isinstance(m, MatrixManifold) or is_stiefel(m):
+            out[name] = as_manifold(m)
+    return out
 
 
-def manifold_param_groups(module: torch.nn.Module, manifolds: dict[str, Stiefel], **options) -> list[dict]:
+def manifold_param_groups(module: torch.nn.Module, manifolds: dict[str, MatrixManifold], **options) -> list[dict]:
     """Param groups for the package's optimizers: one ``{"params", "manifold"}`` group per distinct
     manifold of ``manifolds`` (from :func:`stiefel_names`), then one group of the other parameters;
     ``options`` are added to every group. Groups with no parameters are left out."""
@@ -355,7 +360,7 @@ def manifold_param_groups(module: torch.nn.Module, manifolds: dict[str, Stiefel]
                          "names with stiefel_names on the same module before fully_shard")
     by_manifold: dict[tuple, dict] = {}
     for name, m in manifolds.items():
-        key = (m.metric, m.retraction, m.ndim)
+        key = tuple(m.spec().values())
         by_manifold.setdefault(key, {"params": [], "manifold": m, **options})["params"].append(params[name])
     rest = [p for name, p in params.items() if name not in manifolds]
     groups = list(by_manifold.values())

@@ -59,13 +59,14 @@ class MatrixManifold(Manifold):
     def __init__(self, metric: str = "euclidean", retraction: str = "polar", ndim: int = 2):
         super().__init__()
         kind = type(self).__name__
-        if metric not in F.METRICS:
-            raise ValueError(f"{kind}: metric must be one of {tuple(F.METRICS)}, got {metric!r}")
+        if getattr(metric, "name", metric) not in F.METRICS:
+            raise ValueError(f"{kind}: metric must be one of {tuple(F.METRICS)} or their strategies "
+                             f"(functional.EUCLIDEAN, CANONICAL), got {metric!r}")
         if retraction not in F.RETRACTIONS:
             raise ValueError(f"{kind}: retraction must be one of {tuple(F.RETRACTIONS)}, got {retraction!r}")
         if int(ndim) < 2:
             raise ValueError(f"{kind}: ndim must be at least 2, got {ndim}")
-        self.metric = getattr(metric, "name", metric)
+        self.metric = getattr(metric, "name", metric)  # the name: specs, bucket keys; F.as_metric gives the strategy
         self.retraction = retraction
         self.ndim = int(ndim)
 
@@ -94,6 +95,12 @@ class MatrixManifold(Manifold):
     def matrix_shape(self, shape) -> torch.Size:
         """The shape :meth:`to_matrix` gives for points of ``shape``."""
         return self.to_matrix(torch.empty(tuple(shape), device="meta")).shape
+
+    def shard_axis(self, dim: int) -> int | None:
+        """Which axis of the (n, p) matrices a split of the point's ``dim``-th dim (0 ≤ dim < ``ndim``)
+        splits: −2 (rows) or −1 (columns), or None when whole matrices stay on each rank;
+        ``ValueError`` when the split cuts a matrix in a way the steps cannot run on (FSDP2)."""
+        raise NotImplementedError
 
     def _per_point(self, values: Tensor, how: str) -> Tensor:
         """Per-matrix values (shape of ``to_matrix(x)`` without the last two dims) combined into one
@@ -243,6 +250,13 @@ class Stiefel(MatrixManifold):
     def from_matrix(self, m: Tensor, shape) -> Tensor:
         """``m`` reshaped back to the points' ``shape``."""
         return m.reshape(shape)
+
+    def shard_axis(self, dim: int) -> int | None:
+        """Dim 0 splits the rows, dim 1 the columns; a later dim cuts inside the flattened columns."""
+        if dim > 1:
+            raise ValueError(f"the split cuts inside the flattened columns of the {self.ndim}-dim matrix; shard "
+                             "its first dim (rows) or a leading dim")
+        return -2 if dim == 0 else -1
 
     def matrix_shape(self, shape) -> torch.Size:
         """(…, n, ∏ rest): the trailing ``ndim`` dims as one matrix."""

@@ -63,5 +63,9 @@ class Oblique(MatrixManifold):
         *lead, n, p = shape
         return torch.Size((*lead, p, n, 1))
 
+    def shard_axis(self, dim: int) -> int | None:
+        """Rows (dim 0) split every column's entries (row shards); columns (dim 1) stay whole."""
+        return -2 if dim == 0 else None
+
     def _per_point(self, values: Tensor, how: str) -> Tensor:
         return values.sum(-1) if how == "sum" else torch.linalg.vector_norm(values, dim=-1)

@@ -257,3 +257,13 @@ def _pickled(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=False)
+
+
+def test_a_metric_strategy_is_accepted_where_its_name_is():
+    m = Stiefel(metric=F.CANONICAL, retraction="exp")
+    assert m.metric == "canonical" and m.spec() == Stiefel(metric="canonical", retraction="exp").spec()
+    x = m.random(6, 3, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(m.egrad2rgrad(x, g), g - x @ g.mT @ x, atol=1e-6)
+    with pytest.raises(ValueError, match="metric"):
+        Stiefel(metric="riemannian")

@@ -208,6 +208,10 @@ class _Wrap:
                         x_old, x_new, method=b.retraction, metric=b.geometry.metric, scale=scale)
                 elif self.safe_eps is not None:
                     x_new = _on_shards(_backtrack, b.layout)(x_old, x_new, eps=self.safe_eps)
+                elif bad is None:
+                    continue  # the inner step stands as it is
+                else:
+                    x_new = x_new.clone()  # a stack of one parameter may be a view of it
                 if bad is not None:
                     x_new[bad] = x_old[bad]
                 b.unstack_into(xs, x_new)
