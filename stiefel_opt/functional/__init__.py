@@ -41,9 +41,14 @@ from .coefficients import (adam_bias_corrections, combination_gram, frobenius_fr
 from .landing import _SMALL_P, _landing_association, landing_field, landing_plan, relative_tangent, safe_step
 from .rite import (rite_basis, rite_escaped_mass, rite_first_moment, rite_inv_root, rite_transport,
                    rite_unmagnified_gram, rite_update)
-from .steps import landing_adam_update, landing_sgd_update, riemannian_adam_update, riemannian_sgd_update
+from .steps import (AdamRule, MomentumRule, land_safely, landing_adam_update, landing_sgd_update, retract_and_transport,
+                    riemannian_adam_update, riemannian_sgd_update)
 
 __all__ = [
+    "MomentumRule",
+    "AdamRule",
+    "retract_and_transport",
+    "land_safely",
     "sym",
     "skew",
     "is_wide",

@@ -1,9 +1,12 @@
 """Optimizer step math: each public step is one direction rule × one geometry update.
 
-Direction rules (moments updated in place): :class:`_Momentum` (torch.optim.SGD's momentum) and
-:class:`_Adam` (element-wise or per-matrix scalar second moment, amsgrad). Geometry updates:
-:func:`_retract_and_transport` (ξ = rgrad(X, G), X⁺ = R_X(−lr·D), the first moment moved to
-T_{X⁺}) and :func:`_land_safely` (T = ½(G·XᵀX − X·GᵀX), X⁺ = X − ηΛ with the safe step).
+Direction rules (moments updated in place): :class:`MomentumRule` (torch.optim.SGD's momentum) and
+:class:`AdamRule` (element-wise or per-matrix scalar second moment, amsgrad). A rule is any object
+with ``rule(t) -> (D, s)`` (the direction is s·D), ``tangent`` (True when D stays tangent: no
+re-projection), ``moment()`` (the state transported after a retraction, or None) and
+``landing_input(g, t, d)`` (the U whose relative projection R(s·U) the landing field uses). Geometry updates:
+:func:`retract_and_transport` (ξ = rgrad(X, G), X⁺ = R_X(−lr·D), the first moment moved to
+T_{X⁺}) and :func:`land_safely` (T = ½(G·XᵀX − X·GᵀX), X⁺ = X − ηΛ with the safe step).
 
 =============  ============================  =========================
                retract and transport         land with the safe step
@@ -68,7 +71,7 @@ def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor 
     return d, bc2_sqrt / bc1
 
 
-class _Momentum:
+class MomentumRule:
     """SGD momentum as a direction rule: D = the momentum direction of t (:func:`_momentum`), s = 1.
     A sum of tangent vectors is tangent (no re-projection); landing uses Λ = T + R(D − T)."""
 
@@ -90,7 +93,7 @@ class _Momentum:
         return (d - t).add_(g) if self.momentum else g
 
 
-class _Adam:
+class AdamRule:
     """Adam as a direction rule (:func:`_adam_direction`): (D', s) with s·D' the Adam direction.
     Element-wise v makes D' non-tangent (re-projected); landing uses Λ = R(s·D')."""
 
@@ -143,7 +146,7 @@ def _transport_(y: Tensor, m: Tensor, *, rows: Rows = LOCAL) -> None:
         m.copy_(_bmm_add(m, y, c, alpha=-0.5))
 
 
-def _retract_and_transport(x: Tensor, g: Tensor, rule, *, lr: float, retraction: str, metric,
+def retract_and_transport(x: Tensor, g: Tensor, rule, *, lr: float, retraction: str, metric,
                            rows: Rows) -> Tensor:
     """ξ = rgrad(X, G); (D, s) = rule(ξ); X⁺ = R_X(−lr·s·P_X(D)) (P_X skipped when the rule keeps
     D tangent); the rule's moment ← P_{X⁺}(moment). Tall X."""
@@ -155,7 +158,7 @@ def _retract_and_transport(x: Tensor, g: Tensor, rule, *, lr: float, retraction:
     return x_new
 
 
-def _land_safely(x: Tensor, g: Tensor, rule, *, lr: float, lam: float, safe_eps: float, rows: Rows) -> Tensor:
+def land_safely(x: Tensor, g: Tensor, rule, *, lr: float, lam: float, safe_eps: float, rows: Rows) -> Tensor:
     """T = ½(G·XᵀX − X·GᵀX); (D, s) = rule(T); X⁺ = X − ηΛ with Λ = R(s·U) + λX(XᵀX − I), U the
     rule's landing input, η = min(lr, η*) per matrix (:func:`_land`). Tall X."""
     t, xtx = _tangent_term(x, g, rows=rows)
@@ -170,7 +173,7 @@ def _momentum_step(update, x: Tensor, g: Tensor, buf: Tensor | None, momentum: f
                    nesterov: bool, rows: Rows, **options) -> tuple[Tensor, Tensor | None]:
     """(X⁺, buf) of the geometry ``update`` driven by SGD momentum, on the tall form of every matrix."""
     wide, (x, g, buf) = _tall_all(x, g, buf, rows=rows)
-    rule = _Momentum(buf, momentum, dampening, nesterov)
+    rule = MomentumRule(buf, momentum, dampening, nesterov)
     x_new = update(x, g, rule, rows=rows, **options)
     if wide:
         return _mT(x_new), _mT(rule.buf)
@@ -181,7 +184,7 @@ def _adam_step(update, x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
                step: int, beta1: float, beta2: float, eps: float, scalar_v: bool, rows: Rows, **options) -> Tensor:
     """X⁺ of the geometry ``update`` driven by Adam (moments in place), on the tall form of every matrix."""
     wide, (x, g, *state) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, rows=rows)
-    x_new = update(x, g, _Adam(*state, step, beta1, beta2, eps, scalar_v, rows), rows=rows, **options)
+    x_new = update(x, g, AdamRule(*state, step, beta1, beta2, eps, scalar_v, rows), rows=rows, **options)
     return _mT(x_new) if wide else x_new
 
 
@@ -192,7 +195,7 @@ def riemannian_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float
     first step → buf = ξ); X⁺ = R_X(−lr·D); buf ← P_{X⁺}(buf) (transport by projection).
 
     Returns (X⁺, buf) — buf is updated in place when given, created when None and momentum > 0."""
-    return _momentum_step(_retract_and_transport, x, g, buf, momentum, dampening, nesterov, rows, lr=lr,
+    return _momentum_step(retract_and_transport, x, g, buf, momentum, dampening, nesterov, rows, lr=lr,
                           retraction=retraction, metric=metric)
 
 
@@ -206,7 +209,7 @@ def riemannian_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Te
     ξ = rgrad(X, G); m ← β1 m + (1−β1) ξ; v ← β2 v + (1−β2) ξ⊙ξ (scalar_v: mean(ξ²) per matrix,
     as Bécigneul & Ganea / geoopt but normalised per entry); D = (m/bc1)/(√v̂/√bc2 + eps), projected
     onto the tangent space at X when v is element-wise; X⁺ = R_X(−lr·D); m ← P_{X⁺}(m)."""
-    return _adam_step(_retract_and_transport, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, beta1, beta2, eps,
+    return _adam_step(retract_and_transport, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, beta1, beta2, eps,
                       scalar_v, rows, lr=lr, retraction=retraction, metric=metric)
 
 
@@ -218,7 +221,7 @@ def landing_sgd_update(x: Tensor, g: Tensor, buf: Tensor | None, *, lr: float, m
     :func:`landing_field`; the relative form keeps the safe-step bound valid for a momentum built
     at earlier points, and Λ vanishes at critical points where T = 0); X⁺ = X − ηΛ with the
     per-matrix η = min(lr, η*) of :func:`safe_step`. O(np²): only p×p Grams. Returns (X⁺, buf)."""
-    return _momentum_step(_land_safely, x, g, buf, momentum, dampening, nesterov, rows, lr=lr, lam=lam,
+    return _momentum_step(land_safely, x, g, buf, momentum, dampening, nesterov, rows, lr=lr, lam=lam,
                           safe_eps=safe_eps)
 
 
@@ -232,5 +235,5 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     D = (m/bc1)/(√v̂/√bc2 + eps) (scalar_v: v = EMA of mean(T²) per matrix); D re-projected in the
     same relative form, Λ = ½(D·XᵀX − X·DᵀX) + λX(XᵀX − I); X⁺ = X − ηΛ with the per-matrix
     η = min(lr, η*) of :func:`safe_step`. O(np²)."""
-    return _adam_step(_land_safely, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, beta1, beta2, eps, scalar_v,
+    return _adam_step(land_safely, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, beta1, beta2, eps, scalar_v,
                       rows, lr=lr, lam=lam, safe_eps=safe_eps)
