@@ -286,3 +286,24 @@ def test_landing_lands_any_geoopt_stiefel_parameter(make, manifold):
         oa.step()
         ob.step()
     assert torch.equal(a, b)
+
+
+def test_geoopt_geometry_adapter_speaks_the_matrix_manifold_interface():
+    """The per-tensor adapter over a geoopt manifold offers the interface the package's manifolds do
+    (the per-tensor steps call only these), with infeasibility ‖x − projx(x)‖_F and no landing field."""
+    import inspect
+
+    from stiefel_opt import MatrixManifold, Stiefel
+    from stiefel_opt.optim._foreign import GeooptGeometry
+
+    geo = GeooptGeometry(geoopt.Sphere())
+    for name in ("rgrad", "retract", "retr_transp", "component_inner", "projx", "infeasibility", "landing_field"):
+        assert callable(getattr(geo, name)) and callable(getattr(MatrixManifold, name)), name
+    x = geoopt.Sphere().projx(torch.randn(5, dtype=torch.float64))
+    assert float(geo.infeasibility(x)) < 1e-15
+    assert float(geo.infeasibility(3 * x)) == pytest.approx(2.0)
+    u = torch.randn(5, dtype=torch.float64)
+    assert torch.allclose(geo.rgrad(x, u), u - x * (x @ u))
+    with pytest.raises(NotImplementedError, match="Stiefel"):
+        geo.landing_field(x, u)
+    assert "landing_field" in dict(inspect.getmembers(Stiefel))

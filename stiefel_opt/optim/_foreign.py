@@ -12,7 +12,10 @@ With x the point, G its gradient (−G with ``maximize``), wd the weight decay:
   component, geoopt's form, whatever ``second_moment`` says); v̂ = max over steps with ``amsgrad``;
   D = (m/(1−β1ᵗ)) / (√(v̂/(1−β2ᵗ)) + eps); (x, m) ← retr_transp(x, −lr·D, m).
 
-``retr_transp`` is the manifold's own, so ``EuclideanStiefelExact`` follows its exponential map.
+The manifold is seen through :class:`GeooptGeometry`, the geometry interface of
+:class:`~stiefel_opt.manifolds.MatrixManifold` (rgrad, retract, retr_transp, component_inner,
+infeasibility) over geoopt's own methods: exact, per tensor, unbatched. ``retr_transp`` is the
+manifold's own, so ``EuclideanStiefelExact`` follows its exponential map.
 The new point and state are computed aside and written by a commit callable, which the optimizer runs
 once every update of the step succeeded; a non-finite gradient or result skips the tensor
 (``nonfinite="skip"``: a RuntimeWarning, ``state["nonfinite_skips"]`` counts) or raises
@@ -30,8 +33,43 @@ from torch import Tensor
 from .. import functional as F
 from ._engine import is_foreign
 
-__all__ = ["check_foreign", "check_own_manifolds", "foreign_updates", "group_index"]
+__all__ = ["GeooptGeometry", "check_foreign", "check_own_manifolds", "foreign_updates", "group_index"]
 
+
+
+class GeooptGeometry:
+    """The package's geometry interface over any geoopt manifold, one tensor at a time (its points are
+    whole tensors, not stacks of Stiefel matrices): rgrad = ``egrad2rgrad``, retract = ``retr``,
+    ``retr_transp``, ``component_inner`` and ``projx`` are geoopt's own; infeasibility is
+    ‖x − projx(x)‖_F. There is no landing field: landing is defined for the Stiefel constraint only."""
+
+    def __init__(self, manifold):
+        self.manifold = manifold
+
+    def __repr__(self) -> str:
+        return f"GeooptGeometry({self.manifold!r})"
+
+    def rgrad(self, x: Tensor, g: Tensor) -> Tensor:
+        return self.manifold.egrad2rgrad(x, g)
+
+    def retract(self, x: Tensor, u: Tensor) -> Tensor:
+        return self.manifold.retr(x, u)
+
+    def retr_transp(self, x: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.manifold.retr_transp(x, u, v)
+
+    def component_inner(self, x: Tensor, u: Tensor) -> Tensor:
+        return self.manifold.component_inner(x, u)
+
+    def projx(self, x: Tensor) -> Tensor:
+        return self.manifold.projx(x)
+
+    def infeasibility(self, x: Tensor) -> Tensor:
+        """‖x − projx(x)‖_F: 0 exactly on the manifold."""
+        return torch.linalg.vector_norm(x - self.manifold.projx(x))
+
+    def landing_field(self, x: Tensor, g: Tensor, lam: float = 1.0) -> Tensor:
+        raise NotImplementedError(f"{self.manifold!r}: the landing field is defined for the Stiefel constraint only")
 
 
 def group_index(opt, group: dict) -> int:
@@ -94,7 +132,8 @@ def foreign_updates(opt, gi: int, group: dict, items: list) -> tuple[list[Callab
         if not bool(torch.isfinite(g).all()):
             commits.append(_skip(opt, group, p, f"{where}: non-finite gradient"))
             continue
-        x_new, new_state = kind(group, m, x, m.egrad2rgrad(x, g), opt.state.get(p, {}))
+        geometry = GeooptGeometry(m)
+        x_new, new_state = kind(group, geometry, x, geometry.rgrad(x, g), opt.state.get(p, {}))
         if not all(bool(torch.isfinite(t).all()) for t in (x_new, *new_state.values())):
             commits.append(_skip(opt, group, p, f"{where}: non-finite update"))
             continue
@@ -127,26 +166,26 @@ def _skip(opt, group: dict, p: Tensor, msg: str) -> Callable[[], None]:
     return count
 
 
-def _sgd(group: dict, manifold, x: Tensor, xi: Tensor, state: dict) -> tuple[Tensor, dict]:
+def _sgd(group: dict, geometry: GeooptGeometry, x: Tensor, xi: Tensor, state: dict) -> tuple[Tensor, dict]:
     mu, lr = group["momentum"], float(group["lr"])
     if not mu:
-        return manifold.retr(x, -lr * xi), {}
+        return geometry.retract(x, -lr * xi), {}
     buf = state.get("momentum_buffer")
     buf = xi.clone() if buf is None else buf.mul(mu).add_(xi, alpha=1 - group["dampening"])
     d = xi.add(buf, alpha=mu) if group["nesterov"] else buf
-    x_new, buf = manifold.retr_transp(x, -lr * d, buf)
+    x_new, buf = geometry.retr_transp(x, -lr * d, buf)
     return x_new, {"momentum_buffer": buf}
 
 
-def _adam(group: dict, manifold, x: Tensor, xi: Tensor, state: dict) -> tuple[Tensor, dict]:
+def _adam(group: dict, geometry: GeooptGeometry, x: Tensor, xi: Tensor, state: dict) -> tuple[Tensor, dict]:
     beta1, beta2 = group["betas"]
     step = float(state["step"]) + 1 if "step" in state else 1.0
     zero = torch.zeros_like(x)
     m = state.get("exp_avg", zero).mul(beta1).add_(xi, alpha=1 - beta1)
-    v = state.get("exp_avg_sq", zero).mul(beta2).add_(manifold.component_inner(x, xi), alpha=1 - beta2)
+    v = state.get("exp_avg_sq", zero).mul(beta2).add_(geometry.component_inner(x, xi), alpha=1 - beta2)
     new = {"step": torch.tensor(step, dtype=torch.float32), "exp_avg": m, "exp_avg_sq": v}
     if group["amsgrad"]:
         v = new["max_exp_avg_sq"] = torch.maximum(state.get("max_exp_avg_sq", zero), v)
     denom = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
-    x_new, new["exp_avg"] = manifold.retr_transp(x, -float(group["lr"]) * (m / (1 - beta1**step)) / denom, m)
+    x_new, new["exp_avg"] = geometry.retr_transp(x, -float(group["lr"]) * (m / (1 - beta1**step)) / denom, m)
     return x_new, new
