@@ -6,7 +6,7 @@ import torch
 import stiefel_opt as so
 from stiefel_opt import functional as F
 from stiefel_opt.optim import STEP_FUNCTIONS, register_step
-from stiefel_opt.optim._engine import Bucket
+from stiefel_opt.optim._engine import PLAIN, Bucket
 
 
 @pytest.mark.parametrize("geometry,shapes", [
@@ -44,6 +44,23 @@ def test_assigned_state_is_a_view_reused_until_an_entry_is_replaced(geometry):
     b.states[0]["m"] = torch.zeros(3, 6)
     with pytest.raises(ValueError, match="resized"):
         b.stacked("m")
+
+
+def test_entries_of_their_own_shape_stack_and_are_reused_through_the_plain_layout():
+    ts = [torch.randn(6, 3), torch.randn(6, 3)]
+    b = Bucket(PLAIN, (6, 3), torch.float32)
+    for t in ts:
+        b.add(t, t, t, {"v": torch.randn(3, 3), "rho": torch.randn(())}, "p")
+    assert torch.equal(b.stack(ts), torch.stack(ts))  # a plain matrix is its own matrix
+    v, rho = b.stacked("v", shape=(3, 3)), b.stacked("rho", shape=())
+    assert v.shape == (2, 3, 3) and rho.shape == (2,)
+    assert all(torch.equal(v[i], s["v"]) and torch.equal(rho[i], s["rho"]) for i, s in enumerate(b.states))
+    b.assign("v", v, shape=(3, 3))
+    b.assign("rho", rho, shape=())
+    assert [tuple(s["v"].shape) for s in b.states] == [(3, 3)] * 2 and b.states[1]["rho"].shape == ()
+    assert b.stacked("v", shape=(3, 3)) is v and b.stacked("rho", shape=()) is rho  # views: reused
+    with pytest.raises(ValueError, match="resized"):
+        b.stacked("v", shape=(6, 3))
 
 
 def test_register_step_dispatches_a_new_step_and_refuses_duplicates():

@@ -402,10 +402,28 @@ def test_nonfinite_gradient_skips_only_that_pair():
         zero_b.step()
     assert zero_b.nonfinite_skips == 1 and torch.count_nonzero(b) == 0
 
-    strict = LoRARITE([pairs[0]], nonfinite="raise")
+    plain = torch.randn(3, requires_grad=True)
+    plain.grad = torch.randn(3)
+    strict = LoRARITE([{"pairs": [pairs[0]], "params": [plain]}], nonfinite="raise")
     pairs[0][0].grad[0, 0] = float("inf")
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    kept = [t.detach().clone() for t in (*pairs[0], plain)]
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient in .*pair 0 in param group 0.*nothing was"):
         strict.step()
+    assert all(torch.equal(t, k) for t, k in zip((*pairs[0], plain), kept))  # AdamW's parameters too
+
+
+def test_side_state_is_views_of_one_stack_reused_across_steps():
+    pairs = [(torch.randn(2, 10, requires_grad=True), torch.randn(6, 2, requires_grad=True)) for _ in range(2)]
+    opt = LoRARITE(pairs, lr=1e-2)
+    bases = []
+    for _ in range(3):
+        for a, b in pairs:
+            a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+        bases.append([opt.state[a][k]._base for a, _ in pairs for k in ("exp_avg", "exp_avg_sq", "escaped_mass")])
+    assert all(t is not None and t is u for t, u in zip(bases[1], bases[2]))  # no copy on the hot path
+    assert bases[1][0] is bases[1][3]  # the two A factors share one exp_avg stack
+    assert opt.state[pairs[0][0]]["exp_avg"].shape == (10, 2) and opt.state[pairs[0][0]]["escaped_mass"].shape == ()
 
 
 def test_errors_name_the_pair():

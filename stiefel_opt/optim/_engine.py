@@ -4,9 +4,11 @@
   its own (a :class:`~stiefel_opt.manifolds.MatrixManifold`, geoopt's ``EuclideanStiefel``, or
   another geoopt manifold, stepped per tensor by :mod:`._foreign`), else None (Euclidean).
 - :class:`Bucket`: parameters of equal geometry, matrix shape, dtype, device and shard layout,
-  stepped as one (B, n, p) stack of the geometry's matrices (``to_matrix``/``from_matrix``). Their
-  per-parameter state entries are views into per-bucket stacked buffers, with one invalidation
-  rule (:meth:`Bucket.stacked`): a stack is reused only while every entry still is its view, in order.
+  stepped as one (B, n, p) stack of the geometry's matrices (``to_matrix``/``from_matrix``; :data:`PLAIN`
+  for 2-D parameters without a manifold). Their per-parameter state entries (of the parameter's
+  shape, or of any per-matrix ``shape``) are views into per-bucket stacked buffers, with one
+  invalidation rule (:meth:`Bucket.stacked`): a stack is reused only while every entry still is its
+  view, in order.
 - :func:`nonfinite_matrices` and :func:`nonfinite_message`: which matrices hold a non-finite value,
   and the one wording of the skip-or-raise policy.
 - :data:`STEP_FUNCTIONS` and :func:`step_function`: the backend registry of the batched steps
@@ -31,7 +33,7 @@ from .._geoopt import geoopt as _geoopt
 from ..manifolds import MatrixManifold, Stiefel, as_manifold, is_stiefel
 
 __all__ = ["BACKENDS", "STEP_FUNCTIONS", "register_step", "step_function", "param_manifold", "is_foreign", "Bucket",
-           "nonfinite_matrices", "nonfinite_message", "compute_dtype"]
+           "PLAIN", "nonfinite_matrices", "nonfinite_message", "compute_dtype"]
 
 BACKENDS = ("auto", "torch", "triton")
 """The values of the optimizers' ``backend=`` option: ``"torch"`` (the :mod:`stiefel_opt.functional`
@@ -158,6 +160,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- buckets ---------------------------------------------------------------------------------------
 
 
+class _Plain:
+    """The identity matrix layout: a 2-D parameter without a manifold (e.g. a LoRA factor) is its
+    own matrix. A :class:`Bucket` geometry (``matrix_shape``/``to_matrix``/``from_matrix``) only."""
+
+    @staticmethod
+    def matrix_shape(shape) -> torch.Size:
+        return torch.Size(shape)
+
+    @staticmethod
+    def to_matrix(x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def from_matrix(m: Tensor, shape) -> Tensor:
+        return m.reshape(shape)
+
+
+PLAIN = _Plain()
+"""The :class:`Bucket` geometry of plain 2-D parameters (no manifold): X is its own matrix."""
+
+
 class Bucket:
     """Same-geometry, same-shape parameters stepped as one stack of ``size`` matrices.
 
@@ -197,12 +220,14 @@ class Bucket:
     def size(self) -> int:
         return sum(self.counts)
 
-    def state_shape(self, i: int, scalar: bool = False) -> tuple:
-        """Shape of a per-parameter state entry: the parameter's, or one (1, 1) per matrix for a scalar."""
+    def state_shape(self, i: int, scalar: bool = False, shape: tuple | None = None) -> tuple:
+        """Shape of a per-parameter state entry: the parameter's, or one ``shape`` per matrix
+        (``scalar``: (1, 1))."""
         p = self.params[i]
-        if not scalar:
+        shape = (1, 1) if scalar else shape
+        if shape is None:
             return tuple(p.shape)
-        return (*self.geometry.matrix_shape(p.shape)[:-2], 1, 1)
+        return (*self.geometry.matrix_shape(p.shape)[:-2], *shape)
 
     def stack(self, tensors: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
         """(B, n, p) stack of the matrices of ``tensors`` (parameters, gradients or parameter-shaped
@@ -226,8 +251,10 @@ class Bucket:
                  for c, t in zip(stack.split(self.counts), dst)]
         torch._foreach_copy_(dst, parts)
 
-    def stacked(self, key: str, *, scalar: bool = False, init: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """The (B, *mshape) stack of the entries ``states[i][key]``, read only.
+    def stacked(self, key: str, *, scalar: bool = False, shape: tuple | None = None,
+                init: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """The (B, *mshape) stack of the entries ``states[i][key]``, read only; (B, *shape) for
+        entries of one ``shape`` per matrix (``scalar``: (1, 1)), e.g. an r×r moment of an n×r factor.
 
         Their base buffer when they already are its views in order (no copy); otherwise a new stack
         (after load_state_dict or deepcopy, or a change in which parameters have gradients). Missing
@@ -235,23 +262,24 @@ class Bucket:
         ``ValueError`` (a resized parameter must not reuse reshaped moments). Nothing is written
         into the states: :meth:`assign` does that once the step succeeded.
         """
-        mshape = (1, 1) if scalar else self.mshape
+        shape = (1, 1) if scalar else shape
+        mshape = self.mshape if shape is None else tuple(shape)
         ts = [s.get(key) for s in self.states]
         if not all(t is not None for t in ts):
             return None if init is None else init()
         for i, t in enumerate(ts):
-            if tuple(t.shape) != self.state_shape(i, scalar):
+            if tuple(t.shape) != self.state_shape(i, shape=shape):
                 raise ValueError(
                     f"state[{key!r}] of {self.names[i]} has shape {tuple(t.shape)}, but the parameter "
-                    f"needs {self.state_shape(i, scalar)}: was the parameter resized? Drop its state "
+                    f"needs {self.state_shape(i, shape=shape)}: was the parameter resized? Drop its state "
                     "(del optimizer.state[param]) to restart it"
                 )
         base = ts[0]._base
         if base is not None and base.dtype == self.cdtype and tuple(base.shape) == (self.size, *mshape) \
                 and base.is_contiguous() and self._views_of(ts, base):
             return base
-        if scalar:
-            return torch.cat([t.reshape(-1, 1, 1).to(self.cdtype) for t in ts])
+        if shape is not None:
+            return torch.cat([t.reshape(-1, *shape).to(self.cdtype) for t in ts])
         return self.stack(ts)
 
     def _views_of(self, ts, base) -> bool:
@@ -268,17 +296,19 @@ class Bucket:
         first = self.states[0].get(key)
         return first is not None and first._base is buf
 
-    def assign(self, key: str, buf: Tensor, *, scalar: bool = False) -> None:
-        """Store slices of ``buf`` as views in each parameter's state (in the parameter's layout)."""
+    def assign(self, key: str, buf: Tensor, *, scalar: bool = False, shape: tuple | None = None) -> None:
+        """Store slices of ``buf`` as views in each parameter's state (in the parameter's layout, or
+        of one ``shape`` per matrix as in :meth:`stacked`)."""
         buf = buf.contiguous()
+        shape = (1, 1) if scalar else shape
         off = 0
         for i, (s, k) in enumerate(zip(self.states, self.counts)):
             part = buf[off : off + k]
-            shape = self.state_shape(i, scalar)
-            if scalar:
-                s[key] = part.view(shape)
+            if shape is not None:
+                s[key] = part.view(self.state_shape(i, shape=shape))
             else:
-                s[key] = self.geometry.from_matrix(part.view(self.geometry.matrix_shape(shape)), shape)
+                pshape = self.state_shape(i)
+                s[key] = self.geometry.from_matrix(part.view(self.geometry.matrix_shape(pshape)), pshape)
             off += k
 
     def zeros(self, scalar: bool = False) -> Tensor:

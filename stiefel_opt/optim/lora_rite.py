@@ -25,7 +25,6 @@ B δA = −η √in · u uᵀG / ‖uᵀG‖ with u = B/‖B‖ (and symmetrical
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from typing import Any, Iterable
 
 import torch
@@ -35,9 +34,9 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import distributed as _dist
 from .. import functional as F
+from ._engine import PLAIN, Bucket, compute_dtype, nonfinite_message
 
 __all__ = ["LoRARITE"]
-
 
 
 def _is_pair(item: Any) -> bool:
@@ -193,46 +192,13 @@ class LoRARITE(torch.optim.Optimizer):
 
     # -- state ---------------------------------------------------------------------------------
     #
-    # The state of each side of a bucket (all A's, or all B's, of equal-shape pairs) is kept in
-    # stacked buffers; state[p][key] are views of them, so the hot path neither stacks nor unbinds
-    # the moments. The buffers are rebuilt when the views were replaced (load_state_dict, a
-    # different bucket composition).
-
-    _SIDE_KEYS = ("step", "exp_avg", "exp_avg_sq", "escaped_mass", "partner_basis")
+    # Each side of a bucket (the A's, or the B's, of same-shape pairs) is an engine Bucket: its
+    # moments are views of stacked buffers (Bucket.stacked/assign and the engine's one reuse rule);
+    # the step count stays per factor, as the native optimizers keep it.
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("clip", 1.0)
-        self._stacks = {}
-
-    def _side_state(self, params: list[Tensor], n_long: int, n_partner: int, r: int,
-                    cdt: torch.dtype) -> dict[str, Tensor]:
-        stacks = self.__dict__.setdefault("_stacks", {})
-        key = tuple(id(p) for p in params)
-        cached = stacks.get(key)
-        if cached is not None and all(
-            self.state[p].get("exp_avg") is view for p, view in zip(params, cached["views"])
-        ):
-            return cached["bufs"]
-        device = params[0].device
-        for p in params:
-            st = self.state[p]
-            if "exp_avg" not in st:
-                st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                st["exp_avg"] = torch.zeros(n_long, r, dtype=cdt, device=device)
-                st["exp_avg_sq"] = torch.zeros(r, r, dtype=cdt, device=device)
-                st["escaped_mass"] = torch.zeros((), dtype=cdt, device=device)
-                st["partner_basis"] = torch.zeros(n_partner, r, dtype=cdt, device=device)
-                st["nonfinite_skips"] = 0
-        bufs = {k: torch.stack([self.state[p][k] for p in params]) for k in self._SIDE_KEYS}
-        for i, p in enumerate(params):
-            for k in self._SIDE_KEYS:
-                self.state[p][k] = bufs[k][i]
-        for k in list(stacks):  # drop stacks that share a parameter with this one
-            if set(k) & set(key):
-                del stacks[k]
-        stacks[key] = {"bufs": bufs, "views": [self.state[p]["exp_avg"] for p in params]}
-        return bufs
 
     @property
     def nonfinite_skips(self) -> int:
@@ -274,20 +240,10 @@ class LoRARITE(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets = []
-        for group in self.param_groups:
-            k = group["num_pairs"]
-            self._adamw_step(group, group["params"][2 * k :])
-            by_shape: dict[tuple, list[tuple]] = defaultdict(list)
-            for i, (a, b) in enumerate(zip(group["params"][0 : 2 * k : 2], group["params"][1 : 2 * k : 2])):
-                if a.grad is None and b.grad is None:
-                    continue
-                if (a.grad is not None and a.grad.is_sparse) or (b.grad is not None and b.grad.is_sparse):
-                    raise ValueError("LoRARITE: sparse gradients are not supported")
-                fa = _dist.factor_parts(a, 1, lambda i=i, f="A", t=a: self._describe(group, i, f, t))
-                fb = _dist.factor_parts(b, 0, lambda i=i, f="B", t=b: self._describe(group, i, f, t))
-                by_shape[(a.shape, b.shape, a.dtype, a.device, fa[2], fb[2])].append((a, b, fa, fb))
-            buckets += [self._prepare(group, items) for items in by_shape.values()]
+        buckets = [self._prepare(group, *sides) for gi, group in enumerate(self.param_groups)
+                   for sides in self._buckets(gi, group)]
+        for group in self.param_groups:  # after the non-finite checks, which may raise
+            self._adamw_step(group, group["params"][2 * group["num_pairs"] :])
         if not buckets:
             return loss
         coeff = None
@@ -325,124 +281,132 @@ class LoRARITE(torch.optim.Optimizer):
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )
 
-    def _describe(self, group: dict, i: int, factor: str, t: Tensor) -> str:
-        gi = next(j for j, g in enumerate(self.param_groups) if g is group)
-        return f"LoRARITE: factor {factor} (shape {tuple(t.shape)}) of pair {i} in param group {gi}"
+    def _buckets(self, gi: int, group: dict) -> list[tuple[Bucket, Bucket]]:
+        """The group's pairs with a gradient, as (A side, B side) engine buckets of pairs of equal
+        shapes, dtype, device and shard layouts (:data:`PLAIN` geometry: each factor's own layout)."""
+        k = group["num_pairs"]
+        buckets: dict[tuple, tuple[Bucket, Bucket]] = {}
+        for i, (a, b) in enumerate(zip(group["params"][0 : 2 * k : 2], group["params"][1 : 2 * k : 2])):
+            if a.grad is None and b.grad is None:
+                continue
+            if any(t.grad is not None and t.grad.is_sparse for t in (a, b)):
+                raise ValueError("LoRARITE: sparse gradients are not supported")
+            where = f"pair {i} in param group {gi}"
+            parts = [_dist.factor_parts(t, dim, lambda f=f, t=t: f"LoRARITE: factor {f} (shape {tuple(t.shape)}) "
+                                                                 f"of {where}")
+                     for f, t, dim in (("A", a, 1), ("B", b, 0))]
+            key = (a.shape, b.shape, a.dtype, a.device, parts[0][2], parts[1][2])
+            if key not in buckets:
+                buckets[key] = tuple(Bucket(PLAIN, tuple(local.shape), compute_dtype(a.dtype), layout=layout)
+                                     for local, _, layout in parts)
+            for side, t, (local, grad, _) in zip(buckets[key], (a, b), parts):
+                side.add(t, local, torch.zeros_like(local) if grad is None else grad, self.state[t],
+                         f"{where} (A {tuple(a.shape)}, B {tuple(b.shape)})")
+        return list(buckets.values())
 
     @staticmethod
-    def _stack(parts: list[tuple], layout, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(factors, gradients) of a bucket side as stacks of their local shards (the whole
-        factors for a ``gather`` layout: one all-gather of both), in the factor's own layout."""
-        xs = torch.stack([t for t, _, _ in parts]).to(cdt)
-        gs = torch.stack([torch.zeros_like(t) if g is None else g for t, g, _ in parts]).to(cdt)
-        if layout is None or layout.mode != "gather":
-            return xs, gs
-        both = _dist.gather(torch.stack([xs, gs]), layout)
-        return both[0], both[1]
+    def _stack(side: Bucket) -> tuple[Tensor, Tensor, Tensor]:
+        """(local factors, factors, gradients) of a bucket side as stacks in the factor's own
+        layout; for a ``gather`` layout the whole factors and gradients (one all-gather of both)."""
+        x, g = side.stack(side.params), side.stack(side.grads)
+        if side.layout is None or side.layout.mode != "gather":
+            return x, x, g
+        both = _dist.gather(torch.stack([x, g]), side.layout)
+        return x, both[0], both[1]
 
-    def _prepare(self, group: dict, items: list[tuple]) -> dict:
+    def _prepare(self, group: dict, sa: Bucket, sb: Bucket) -> dict:
         """Stack a bucket of same-shape pairs: QR of both factors, Grams of the unmagnified
-        gradients, and the non-finite check (on the Gram diagonals).
+        gradients, and the non-finite check (on the Gram diagonals). A pair that fails it raises,
+        or is masked (zero gradients and Grams) before anything is written.
 
         FSDP2 shards (see :mod:`stiefel_opt.distributed`): a factor split along its long side (B's
         rows, A's columns) steps on its rows of the tall form, its n-row Grams all-reduced (r×r);
         a factor split along r (``fully_shard``'s default Shard(0) for A) is all-gathered with its
         gradient, stepped whole on every rank (its moments are kept whole), and each rank keeps its
         rows."""
-        a0, b0, (_, _, la), (_, _, lb) = items[0]
-        r, n_in, n_out = a0.shape[0], a0.shape[1], b0.shape[0]
-        cdt = torch.float32 if a0.dtype in F._LOW_PRECISION else a0.dtype
-        a_params = [a for a, *_ in items]
-        b_params = [b for _, b, *_ in items]
-        xa, ga = self._stack([fa for *_, fa, _ in items], la, cdt)
-        xb, gb = self._stack([fb for *_, fb in items], lb, cdt)
+        la, lb = sa.layout, sb.layout
+        (xa_loc, xa, ga), (xb_loc, xb, gb) = self._stack(sa), self._stack(sb)
         xa, ga = xa.transpose(-1, -2), ga.transpose(-1, -2)  # k×in×r (tall Aᵀ; local rows when sharded)
-        side_a = self._side_state(a_params, xa.shape[-2], xb.shape[-2], r, cdt)
-        side_b = self._side_state(b_params, xb.shape[-2], xa.shape[-2], r, cdt)
         ua, ra_pinv = F.rite_basis(xa, rows=_dist.reduction(la))
         ub, rb_pinv = F.rite_basis(xb, rows=_dist.reduction(lb))
         gram_b = F.rite_unmagnified_gram(gb, ra_pinv, rows=_dist.reduction(lb))
         gram_a = F.rite_unmagnified_gram(ga, rb_pinv, rows=_dist.reduction(la))
         diag = torch.cat([gram_a.diagonal(dim1=-2, dim2=-1), gram_b.diagonal(dim1=-2, dim2=-1)], -1)
-        ok = torch.isfinite(diag).all(-1)
-        bad = None
-        if not bool(ok.all()):
-            bad = (~ok).nonzero().flatten()
-            shapes = f"A {tuple(a0.shape)}, B {tuple(b0.shape)}"
+        bad = ~torch.isfinite(diag).all(-1)
+        if bool(bad.any()):
+            message = nonfinite_message("LoRARITE", "non-finite gradient", sa.describe(bad), group["nonfinite"])
             if group["nonfinite"] == "raise":
-                raise FloatingPointError(
-                    f"LoRARITE: non-finite gradient in {bad.numel()} pair(s) of shapes {shapes}; "
-                    "pass nonfinite='skip' to skip those updates"
-                )
-            warnings.warn(
-                f"LoRARITE: non-finite gradient in {bad.numel()} pair(s) of shapes {shapes}; their "
-                "update was skipped (counted in state['nonfinite_skips'])",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            for i in bad.tolist():
-                self.state[a_params[i]]["nonfinite_skips"] += 1
-                self.state[b_params[i]]["nonfinite_skips"] += 1
-            keep = ok[:, None, None]
-            ga = torch.where(keep, ga, 0.0)
-            gb = torch.where(keep, gb, 0.0)
-            gram_a = torch.where(keep, gram_a, 0.0)
-            gram_b = torch.where(keep, gram_b, 0.0)
+                raise FloatingPointError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            ga, gb, gram_a, gram_b = (torch.where(bad[:, None, None], 0.0, t) for t in (ga, gb, gram_a, gram_b))
+        else:
+            bad = None
         sumsq = (gram_a.diagonal(dim1=-2, dim2=-1).sum() + gram_b.diagonal(dim1=-2, dim2=-1).sum())
-        return dict(
-            group=group, a_params=a_params, b_params=b_params, bad=bad, layouts=(la, lb),
-            locals=([fa[0] for *_, fa, _ in items], [fb[0] for *_, fb in items]), sides=(
-                (side_a, xa, ga, gram_a, ub, rb_pinv, n_in, lb),
-                (side_b, xb, gb, gram_b, ua, ra_pinv, n_out, la),
-            ), sumsq=sumsq,
-        )
+        return dict(group=group, bad=bad, sumsq=sumsq, sides=(
+            (sa, xa_loc, xa, ga, gram_a, ub, rb_pinv, sa.owners[0].shape[1], lb),
+            (sb, xb_loc, xb, gb, gram_b, ua, ra_pinv, sb.owners[0].shape[0], la),
+        ))
 
     def _apply(self, bk: dict, coeff: Tensor | None) -> None:
+        """Update both sides of a bucket (the masked pairs keep their factors and moments), then
+        their step counts and skip counters."""
         group, bad = bk["group"], bk["bad"]
-        outs = []
-        for side, *args in bk["sides"]:
-            saved = None if bad is None else {k: v.index_select(0, bad) for k, v in side.items()}
-            outs.append(self._side_update(group, side, *args, coeff))
-            if saved is not None:
-                for k, v in side.items():
-                    v.index_copy_(0, bad, saved[k])
-        a_params, b_params = bk["locals"]
-        new = [outs[0].transpose(-1, -2), outs[1]]
-        for i, (layout, local) in enumerate(zip(bk["layouts"], bk["locals"])):
-            if layout is not None and layout.mode == "gather":
-                new[i] = _dist.local_block(new[i], layout, local[0].shape[layout.axis])
-        new_a = new[0].to(a_params[0].dtype).unbind(0)
-        new_b = new[1].to(b_params[0].dtype).unbind(0)
-        if bad is not None:
-            skip = set(bad.tolist())
-            keep = [i for i in range(len(a_params)) if i not in skip]
-            a_params, b_params = [a_params[i] for i in keep], [b_params[i] for i in keep]
-            new_a, new_b = [new_a[i] for i in keep], [new_b[i] for i in keep]
-        if a_params:
-            torch._foreach_copy_(a_params, list(new_a))
-            torch._foreach_copy_(b_params, list(new_b))
+        news = [self._side_update(group, side, *rest, coeff, bad) for side, _, *rest in bk["sides"]]
+        news[0] = news[0].transpose(-1, -2)  # A from its tall form
+        for (side, x_loc, *_), new in zip(bk["sides"], news):
+            if side.layout is not None and side.layout.mode == "gather":
+                new = _dist.local_block(new, side.layout, x_loc.shape[side.layout.axis])
+            side.unstack_into(side.params, new if bad is None else torch.where(bad[:, None, None], x_loc, new))
+        skips = [0] * len(news[0]) if bad is None else bk["sides"][0][0].per_param(bad)
+        moved = []
+        for side, *_ in bk["sides"]:
+            for st, n_bad in zip(side.states, skips):
+                st["nonfinite_skips"] += n_bad
+                if not n_bad:
+                    moved.append(st["step"])
+        if moved:
+            torch._foreach_add_(moved, 1.0)
 
     @staticmethod
-    def _side_update(group: dict, side: dict[str, Tensor], x: Tensor, g: Tensor, gram: Tensor,
+    def _side_update(group: dict, side: Bucket, x: Tensor, g: Tensor, gram: Tensor,
                      u_partner: Tensor, r_pinv_partner: Tensor, n: int, partner_layout,
-                     coeff: Tensor | None) -> Tensor:
-        """Update the stacked state of one side of a bucket in place; return the new tall factors
-        (n: the factor's long side; the partner's basis may be row-sharded per ``partner_layout``)."""
+                     coeff: Tensor | None, bad: Tensor | None) -> Tensor:
+        """One side of a bucket: tall factors X (n rows), the partner's basis U and R⁺ (row-sharded
+        per ``partner_layout``), the clip coefficient c (None: 1):
+
+            V ← β̂₂ P V Pᵀ + (1 − β̂₂) c² ḡᵀḡ / n,  M ← β̂₁ M Pᵀ + (1 − β̂₁) ḡ c (V + ρI)^(−1/2),
+
+        with ρ and P as in the module docstring. The new moments are stored (the old ones kept for
+        the ``bad`` pairs); returns X⁺ = (1 − η·wd) X − η M R⁺ᵀ."""
         beta1, beta2 = group["betas"]
-        side["step"].add_(1)
-        t = side["step"].to(x.dtype)
+        r = x.shape[-1]
+        shapes = {"exp_avg": tuple(x.shape[1:]), "exp_avg_sq": (r, r), "escaped_mass": (),
+                  "partner_basis": tuple(u_partner.shape[1:])}
+        for st in side.states:
+            if "exp_avg" not in st:
+                st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                st.update({k: x.new_zeros(s) for k, s in shapes.items()}, nonfinite_skips=0)
+        old = {k: side.stacked(k, shape=s) for k, s in shapes.items()}
+        t = (torch.stack([st["step"] for st in side.states]) + 1).to(x.dtype)
         b1 = beta1 * (1 - beta1 ** (t - 1)) / (1 - beta1**t)
         b2 = beta2 * (1 - beta2 ** (t - 1)) / (1 - beta2**t)
-        v_old, rho = side["exp_avg_sq"], side["escaped_mass"]
-        p, v_moved = F.rite_transport(u_partner, side["partner_basis"], v_old, rows=_dist.reduction(partner_layout))
+        v_old, rho = old["exp_avg_sq"], old["escaped_mass"]
+        p, v_moved = F.rite_transport(u_partner, old["partner_basis"], v_old, rows=_dist.reduction(partner_layout))
         if group["escaped_mass"]:
-            rho.copy_(b2 * (rho + F.rite_escaped_mass(v_old, v_moved)))
+            rho = b2 * (rho + F.rite_escaped_mass(v_old, v_moved))
         c2 = 1.0 if coeff is None else coeff.square().to(x.dtype)
-        v_old.copy_(b2[:, None, None] * v_moved + ((1 - b2) * c2 / n)[:, None, None] * gram)
-        k = F.rite_inv_root(v_old, rho, group["eps"])
+        v = b2[:, None, None] * v_moved + ((1 - b2) * c2 / n)[:, None, None] * gram
+        k = F.rite_inv_root(v, rho, group["eps"])
         if coeff is not None:
             k = k * coeff.to(x.dtype)
-        side["exp_avg"].copy_(F.rite_first_moment(side["exp_avg"], p, g, r_pinv_partner, k, b1))
-        side["partner_basis"].copy_(u_partner)
+        m = F.rite_first_moment(old["exp_avg"], p, g, r_pinv_partner, k, b1)
         lr, wd = group["lr"], group["weight_decay"]
-        return F.rite_update(x, side["exp_avg"], r_pinv_partner, lr, 1.0 - lr * wd)
+        x_new = F.rite_update(x, m, r_pinv_partner, lr, 1.0 - lr * wd)
+        for key, new in {"exp_avg": m, "exp_avg_sq": v, "escaped_mass": rho, "partner_basis": u_partner}.items():
+            if bad is not None:
+                new = torch.where(bad.view(-1, *[1] * len(shapes[key])), old[key], new)
+            if not side.viewed(key, old[key]):
+                side.assign(key, new, shape=shapes[key])
+            elif new is not old[key]:
+                old[key].copy_(new)
+        return x_new
