@@ -90,3 +90,18 @@ def test_register_step_dispatches_a_new_step_and_refuses_duplicates():
             register_step("y", 3)
     finally:
         del STEP_FUNCTIONS["torch"]["test_doubled_lr_sgd"]
+
+
+@pytest.mark.parametrize("cls,extra", [(so.RiemannianSGD, {"stabilize": 3}), (so.RiemannianAdam, {"second_moment": "scalar"}),
+                                       (so.LandingSGD, {"lam": 0.5}), (so.LandingAdam, {"safe_eps": 0.4})])
+def test_optimizers_own_full_defaults_and_groups_take_them(cls, extra):
+    """defaults hold the twin's keys and the package's; a group added later gets both from them."""
+    x = torch.nn.Parameter(so.Stiefel().random(5, 2))
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = cls([x], lr=0.1, backend="torch", **extra)
+    twin = (torch.optim.SGD if "SGD" in cls.__name__ else torch.optim.Adam)([w], lr=0.1)
+    assert set(twin.defaults) < set(opt.defaults)
+    for k, v in {"backend": "torch", "nonfinite": "skip", **extra}.items():
+        assert opt.defaults[k] == v
+    opt.add_param_group({"params": [w]})
+    assert {k: opt.param_groups[1][k] for k in opt.defaults} == {**opt.defaults, "manifold": None}

@@ -36,7 +36,7 @@ from ._engine import (STEP_FUNCTIONS, Bucket, check_backend, compute_dtype, is_f
                       nonfinite_message, param_manifold, step_function)
 from ._foreign import check_foreign, foreign_updates
 
-__all__ = ["StiefelOptimizer", "SGDFamily", "AdamFamily", "plain_manifolds"]
+__all__ = ["StiefelOptimizer", "PackageOptions", "SGDFamily", "AdamFamily", "plain_manifolds"]
 
 _UNSUPPORTED_ON_MANIFOLD = ("fused", "differentiable", "capturable")
 
@@ -49,11 +49,22 @@ def _ensure_finite_points(x: Tensor, bad: Tensor) -> Tensor:
     return torch.where(bad[:, None, None], point, x)
 
 
+class PackageOptions(torch.optim.Optimizer):
+    """The optimizers' full ``defaults``: placed right after the torch twin in their bases, it receives
+    the defaults the twin built and adds the package's options, which the optimizer's ``__init__`` set
+    as ``self.defaults`` before calling the twin — so torch's ``add_param_group`` fills every group
+    with all of them, the twin's keys and the package's alike."""
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, {**defaults, **self.defaults})
+
+
 class StiefelOptimizer:
     """Mixin for an optimizer that is a ``torch.optim`` twin on Euclidean parameters and a
     Stiefel optimizer on manifold parameters. Subclasses define ``_STEP`` (the step function name; its direction
     rule ``_RULE`` comes from the family, its geometry update ``_UPDATE`` is "retract" or "land"),
-    ``_EXTRA`` (their own group keys), ``_bucket_tag``, ``_euclidean_step`` and ``_manifold_update``.
+    ``_bucket_tag``, ``_euclidean_step`` and ``_manifold_update``, and list :class:`PackageOptions` after
+    their torch twin in their bases.
 
     A step is all-or-nothing per matrix: every manifold update of every group is computed on copies
     of the state first; matrices whose gradient, point or result (new point or new state) is not
@@ -64,8 +75,6 @@ class StiefelOptimizer:
     _STEP: str = ""
     _RULE: str = ""  # the direction rule: "sgd" (momentum) or "adam" (moments); set by the family
     _UPDATE: str = "retract"  # the geometry update: "retract" (retract and transport) or "land" (safe step)
-    _COMMON = ("manifold", "retraction", "nonfinite", "master_weights", "backend", "compile")
-    _EXTRA: tuple[str, ...] = ()
     _SCALAR_KEYS: tuple[str, ...] = ()
     _STATE_KEYS: tuple[str, ...] = ()  # what a parameter's state may hold besides master/nonfinite_skips
     # state a non-finite value of which need not show in X⁺: checked besides X⁺ after each update. A
@@ -77,25 +86,11 @@ class StiefelOptimizer:
     def _manifold_of(self, group: dict, p: Tensor):
         return param_manifold(group, p, self._POINT_SET)
 
-    def _setup(self, extra: dict) -> None:
-        self._pending_extra = extra
-
-    def _finish_setup(self) -> None:
-        self.defaults.update(self.__dict__.pop("_pending_extra"))
-
-    def _extra_defaults(self) -> dict:
-        pending = self.__dict__.get("_pending_extra")
-        if pending is not None:
-            return pending
-        return {k: self.defaults[k] for k in self._COMMON + self._EXTRA if k in self.defaults}
-
     # --- param groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        for k, v in self._extra_defaults().items():
-            param_group.setdefault(k, v)
-        param_group["manifold"] = as_manifold(param_group.get("manifold"))
+        param_group["manifold"] = as_manifold(param_group.get("manifold", self.defaults["manifold"]))
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import AdamFamily, SGDFamily
+from ._base import AdamFamily, PackageOptions, SGDFamily
 from ._engine import is_foreign, param_manifold
 from ._foreign import check_own_manifolds, group_index
 
@@ -47,7 +47,7 @@ class _LandingChecks:
             raise ValueError(f"{name}: safe_eps must lie in (0, 1), got {group['safe_eps']}")
 
 
-class LandingSGD(_LandingChecks, SGDFamily, torch.optim.SGD):
+class LandingSGD(_LandingChecks, SGDFamily, torch.optim.SGD, PackageOptions):
     """Landing SGD on Stiefel parameters; exactly ``torch.optim.SGD`` on every other parameter.
 
     On a Stiefel parameter X (n×p, or a wide matrix with orthonormal rows): T = ½(G·XᵀX − X·GᵀX);
@@ -62,7 +62,6 @@ class LandingSGD(_LandingChecks, SGDFamily, torch.optim.SGD):
     """
 
     _STEP = "landing_sgd"
-    _EXTRA = ("lam", "safe_eps")
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
@@ -70,13 +69,12 @@ class LandingSGD(_LandingChecks, SGDFamily, torch.optim.SGD):
                  lam: float = 1.0, safe_eps: float = 0.5, nonfinite: str = "skip",
                  master_weights: bool | None = None, backend: str = "auto",
                  compile: bool = False):
-        self._setup({"manifold": None, "retraction": None, "nonfinite": nonfinite,
-                     "master_weights": master_weights, "backend": backend, "compile": compile, "lam": lam,
-                     "safe_eps": safe_eps})
+        self.defaults = {  # the package's options; PackageOptions adds the twin's
+            "manifold": None, "retraction": None, "nonfinite": nonfinite, "master_weights": master_weights,
+            "backend": backend, "compile": compile, "lam": lam, "safe_eps": safe_eps}
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach,
                          differentiable=differentiable, fused=fused)
-        self._finish_setup()
 
     def _manifold_update(self, group, b, fn, x, g, stacks):
         x_new, buf = fn(x, g, stacks.get("momentum_buffer"), lam=group["lam"], safe_eps=group["safe_eps"],
@@ -85,7 +83,7 @@ class LandingSGD(_LandingChecks, SGDFamily, torch.optim.SGD):
         return x_new
 
 
-class LandingAdam(_LandingChecks, AdamFamily, torch.optim.Adam):
+class LandingAdam(_LandingChecks, AdamFamily, torch.optim.Adam, PackageOptions):
     """Landing Adam on Stiefel parameters; exactly ``torch.optim.Adam`` (``AdamW`` with
     ``decoupled_weight_decay=True``) on every other parameter.
 
@@ -98,7 +96,6 @@ class LandingAdam(_LandingChecks, AdamFamily, torch.optim.Adam):
     """
 
     _STEP = "landing_adam"
-    _EXTRA = ("lam", "safe_eps", "second_moment")
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
@@ -107,15 +104,14 @@ class LandingAdam(_LandingChecks, AdamFamily, torch.optim.Adam):
                  lam: float = 1.0, safe_eps: float = 0.5, second_moment: str = "elementwise",
                  nonfinite: str = "skip", master_weights: bool | None = None, backend: str = "auto",
                  compile: bool = False):
-        self._setup({"manifold": None, "retraction": None, "nonfinite": nonfinite,
-                     "master_weights": master_weights, "backend": backend, "compile": compile, "lam": lam,
-                     "safe_eps": safe_eps,
-                     "second_moment": second_moment})
+        self.defaults = {  # the package's options; PackageOptions adds the twin's
+            "manifold": None, "retraction": None, "nonfinite": nonfinite, "master_weights": master_weights,
+            "backend": backend, "compile": compile, "lam": lam, "safe_eps": safe_eps,
+            "second_moment": second_moment}
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay)
-        self._finish_setup()
 
     def _manifold_update(self, group, b, fn, x, g, stacks):
         return fn(x, g, stacks["exp_avg"], stacks["exp_avg_sq"], stacks.get("max_exp_avg_sq"),

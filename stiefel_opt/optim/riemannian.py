@@ -6,7 +6,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from .. import functional as F
-from ._base import AdamFamily, SGDFamily
+from ._base import AdamFamily, PackageOptions, SGDFamily
 from ._engine import param_manifold
 from ._foreign import check_own_manifolds, group_index
 
@@ -66,7 +66,7 @@ class _Stabilize:
                 t.copy_(m.proju(x, t))
 
 
-class RiemannianSGD(_Stabilize, SGDFamily, torch.optim.SGD):
+class RiemannianSGD(_Stabilize, SGDFamily, torch.optim.SGD, PackageOptions):
     """SGD on the Stiefel manifold; exactly ``torch.optim.SGD`` on every other parameter.
 
     On a Stiefel parameter X with gradient G (−G with ``maximize``): ξ = rgrad(X, G) for the
@@ -97,7 +97,6 @@ class RiemannianSGD(_Stabilize, SGDFamily, torch.optim.SGD):
     """
 
     _STEP = "riemannian_sgd"
-    _EXTRA = ("stabilize",)
     _TANGENT = "momentum_buffer"
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
@@ -106,13 +105,12 @@ class RiemannianSGD(_Stabilize, SGDFamily, torch.optim.SGD):
                  retraction: str | None = None, nonfinite: str = "skip", master_weights: bool | None = None,
                  backend: str = "auto",
                  compile: bool = False, stabilize: int | None = None):
-        self._setup({"manifold": None, "retraction": retraction, "nonfinite": nonfinite,
-                     "master_weights": master_weights, "backend": backend, "compile": compile,
-                     "stabilize": stabilize})
+        self.defaults = {  # the package's options; PackageOptions adds the twin's
+            "manifold": None, "retraction": retraction, "nonfinite": nonfinite,
+            "master_weights": master_weights, "backend": backend, "compile": compile, "stabilize": stabilize}
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach,
                          differentiable=differentiable, fused=fused)
-        self._finish_setup()
 
     def _stabilize_due(self, group: dict) -> bool:
         group["stabilize_step"] = group.get("stabilize_step", 0) + 1
@@ -125,7 +123,7 @@ class RiemannianSGD(_Stabilize, SGDFamily, torch.optim.SGD):
         return x_new
 
 
-class RiemannianAdam(_Stabilize, AdamFamily, torch.optim.Adam):
+class RiemannianAdam(_Stabilize, AdamFamily, torch.optim.Adam, PackageOptions):
     """Adam on the Stiefel manifold; exactly ``torch.optim.Adam`` (``AdamW`` with
     ``decoupled_weight_decay=True``) on every other parameter.
 
@@ -143,7 +141,6 @@ class RiemannianAdam(_Stabilize, AdamFamily, torch.optim.Adam):
     """
 
     _STEP = "riemannian_adam"
-    _EXTRA = ("second_moment", "stabilize")
     _TANGENT = "exp_avg"
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -153,14 +150,14 @@ class RiemannianAdam(_Stabilize, AdamFamily, torch.optim.Adam):
                  retraction: str | None = None, second_moment: str = "elementwise", nonfinite: str = "skip",
                  master_weights: bool | None = None, backend: str = "auto",
                  compile: bool = False, stabilize: int | None = None):
-        self._setup({"manifold": None, "retraction": retraction, "nonfinite": nonfinite,
-                     "master_weights": master_weights, "backend": backend, "compile": compile,
-                     "second_moment": second_moment, "stabilize": stabilize})
+        self.defaults = {  # the package's options; PackageOptions adds the twin's
+            "manifold": None, "retraction": retraction, "nonfinite": nonfinite,
+            "master_weights": master_weights, "backend": backend, "compile": compile,
+            "second_moment": second_moment, "stabilize": stabilize}
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=decoupled_weight_decay)
-        self._finish_setup()
 
     def _stabilize_due(self, group: dict) -> bool:
         return any(p.grad is not None and "step" in self.state.get(p, {})
