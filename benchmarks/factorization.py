@@ -190,7 +190,7 @@ def step(method: str, symmetric: bool, state, a: Tensor, lr: Tensor, lam: float)
         x, g = state[i], grads[i]
         if method == "polar_landing":
             field_ = F.landing_field(x, g, lam)
-            eta_safe = F.safe_step(F.distance(x), torch.linalg.matrix_norm(field_), lam)
+            eta_safe = F.safe_step(F.infeasibility(x), torch.linalg.matrix_norm(field_), lam)
             out[i] = x - torch.minimum(lr, eta_safe)[:, None, None] * field_
             continue
         if method == "polar_prgd":
@@ -239,7 +239,7 @@ def run_batch(method, symmetric, a, lrs, cap, target, init_scale, lam, seeds, ge
         last = it
         if method.startswith("polar"):
             for s in [state[0]] if symmetric else [state[0], state[2]]:
-                feas = torch.maximum(feas, torch.where(alive, F.distance(s), 0.0))
+                feas = torch.maximum(feas, torch.where(alive, F.infeasibility(s), 0.0))
         if it == cap or (it % 50 == 0 and _all_groups_done(hit, alive, n_k, n_lr, seeds)):
             break
         state = new_state

@@ -60,7 +60,7 @@ def run_one(name: str, make, dtype: torch.dtype, steps: int, every: int, seed: i
     try:
         for t in progress(range(steps + 1), desc=f"{name} {str(dtype)[6:]}"):
             if t % every == 0 or t == steps:
-                d = max(float(F.distance(p.detach().float())) for p in params)
+                d = max(float(F.infeasibility(p.detach().float())) for p in params)
                 curve.append((t, d))
                 if not torch.isfinite(torch.tensor(d)):
                     raise FloatingPointError(f"non-finite distance at step {t}")

@@ -52,7 +52,7 @@ def lowrank_norm(b: Tensor, a: Tensor) -> float:
 
 def feasibility(x: Tensor) -> float:
     """‖XᵀX − I‖_F (largest over a batch); a wide X is read as orthonormal rows."""
-    return float(F.distance(x.detach()).max())
+    return float(F.infeasibility(x.detach()).max())
 
 
 class Report(list):

@@ -123,7 +123,7 @@ class MatrixManifold(Manifold):
 
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
         xm = self.to_matrix(x)
-        d = float(F.distance(xm).max()) if x.numel() else 0.0
+        d = float(F.infeasibility(xm).max()) if x.numel() else 0.0
         ok = d <= atol + rtol * math.sqrt(min(xm.shape[-2:]))
         return ok, None if ok else f"‖XᵀX − I‖_F = {d:.3e} exceeds the tolerance"
 
@@ -221,7 +221,7 @@ class MatrixManifold(Manifold):
     def infeasibility(self, x: Tensor) -> Tensor:
         """How far each point is from the manifold: ‖XᵀX − I‖_F of its matrix (the root sum of squares
         over its matrices) — what the landing optimizers drive to 0."""
-        return self._per_point(F.distance(self.to_matrix(x)), "norm")
+        return self._per_point(F.infeasibility(self.to_matrix(x)), "norm")
 
     distance = infeasibility
 
@@ -365,7 +365,7 @@ class StiefelParameter(ManifoldParameter):
         _check_data(data, "StiefelParameter", getattr(manifold, "ndim", 2))
         if check and isinstance(manifold, Stiefel) and not data.is_meta:
             m = manifold.to_matrix(data.detach())
-            d = float(F.distance(m).max())
+            d = float(F.infeasibility(m).max())
             tol = _tolerance(data.dtype, min(m.shape[-2:]))
             if d > tol:
                 raise ValueError(

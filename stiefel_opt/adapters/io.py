@@ -85,7 +85,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     distances = []
     for lname, layer in layers.items():
         for pname, x in layer.stiefel_factors().items():
-            d = float(F.distance(x.manifold.to_matrix(x.detach())).max())
+            d = float(F.infeasibility(x.manifold.to_matrix(x.detach())).max())
             if not d < 1.0:  # NaN too; no optimizer of the package leaves X this far off
                 raise ValueError(f"save_adapters: the Stiefel factor {lname}.{pname} has ‖XᵀX − I‖_F = {d:.3e} "
                                  "(non-finite or >= 1); not saved — project it with Stiefel().projx first")
@@ -188,7 +188,7 @@ def _check_stiefel(expected: dict[str, Tensor], tensors: dict[str, Tensor], w_pa
             raise ValueError(f"load_adapters: {w_path}: the Stiefel factor {key!r} has non-finite entries "
                              "(or is not floating point); the file is corrupt")
         m = p.manifold.to_matrix(t.to(torch.promote_types(t.dtype, torch.float32)))
-        d = float(F.distance(m).max())
+        d = float(F.infeasibility(m).max())
         tol = _tolerance(t.dtype, min(m.shape[-2:])) + distance
         if not d <= tol:
             raise ValueError(f"load_adapters: {w_path}: the Stiefel factor {key!r} is not orthonormal "
