@@ -320,9 +320,9 @@ class Bucket:
         return [int(c) for c in torch.stack([m.sum() for m in mask.split(self.counts)]).tolist()]
 
     def describe(self, mask: Tensor) -> str:
-        """The parameters a (B,) mask touches, for messages."""
-        hits = [f"{n} of {k} matrices of {name}" for n, k, name in zip(self.per_param(mask), self.counts, self.names)
-                if n]
+        """The parameters a (B,) mask touches, for messages (how many of its matrices, when it has several)."""
+        hits = [name if k == 1 else f"{n} of {k} matrices of {name}"
+                for n, k, name in zip(self.per_param(mask), self.counts, self.names) if n]
         return "; ".join(hits)
 
 
