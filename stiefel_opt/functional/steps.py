@@ -37,44 +37,34 @@ from .stiefel import _twice_sym, egrad2rgrad, proj_tangent
 
 
 def _momentum(t: Tensor, buf: Tensor | None, momentum: float, dampening: float,
-              nesterov: bool, out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+              nesterov: bool) -> tuple[Tensor, Tensor | None]:
     """torch.optim.SGD's momentum on t: buf ← t (first step, buf None) or μ·buf + (1−dampening)·t;
-    direction buf, or t + μ·buf with Nesterov. Returns (direction, buf). ``out``: a buffer that
-    receives the new buf (the given buf is then only read; the same kernels, the same bits)."""
+    direction buf, or t + μ·buf with Nesterov. Returns (direction, buf)."""
     if momentum == 0:
         return t, buf
     if buf is None:
         buf = t.clone()
-    elif out is None:
-        buf.mul_(momentum).add_(t, alpha=1.0 - dampening)
     else:
-        buf = torch.mul(buf, momentum, out=out).add_(t, alpha=1.0 - dampening)
+        buf.mul_(momentum).add_(t, alpha=1.0 - dampening)
     return (t.add(buf, alpha=momentum) if nesterov else buf), buf
 
 
 def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, t: Tensor,
                     step: int, beta1: float, beta2: float, eps: float, scalar_v: bool, *,
-                    rows: Rows = LOCAL, out: tuple | None = None) -> tuple[Tensor, float]:
+                    rows: Rows = LOCAL) -> tuple[Tensor, float]:
     """Update the moments in place with t and return (D', s) with s·D' = (m/bc1) / (√v̂/√bc2 + eps):
     D' = m / (√v̂ + eps·√bc2) and s = √bc2/bc1, a scalar the caller folds into its p×p coefficients.
 
-    scalar_v: v is one value per matrix (shape (…, 1, 1)), the EMA of mean(t²). ``out``: buffers
-    (m, v, v_max or None) that receive the new moments, the given ones then only read (the same
-    kernels as in place, so the same bits)."""
-    if out is None:
-        exp_avg.lerp_(t, 1.0 - beta1)
-        v_new, v_max = exp_avg_sq.mul_(beta2), max_exp_avg_sq
-    else:
-        exp_avg = torch.lerp(exp_avg, t, 1.0 - beta1, out=out[0])
-        v_new, v_max = torch.mul(exp_avg_sq, beta2, out=out[1]), out[2]
+    scalar_v: v is one value per matrix (shape (…, 1, 1)), the EMA of mean(t²)."""
+    exp_avg.lerp_(t, 1.0 - beta1)
     if scalar_v:
-        v_new.add_(rows.mean_square(t), alpha=1.0 - beta2)
+        exp_avg_sq.mul_(beta2).add_(rows.mean_square(t), alpha=1.0 - beta2)
     else:
-        v_new.addcmul_(t, t, value=1.0 - beta2)
-    v = v_new
+        exp_avg_sq.mul_(beta2).addcmul_(t, t, value=1.0 - beta2)
+    v = exp_avg_sq
     if max_exp_avg_sq is not None:
-        torch.maximum(max_exp_avg_sq, v_new, out=v_max)
-        v = v_max
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        v = max_exp_avg_sq
     bc1, bc2_sqrt = adam_bias_corrections(step, beta1, beta2)
     denom = v.sqrt().add_(eps * bc2_sqrt)
     d = exp_avg / denom if scalar_v else torch.div(exp_avg, denom, out=denom)  # no second n×p buffer
@@ -124,32 +114,6 @@ class AdamRule:
     def landing_input(self, g: Tensor, t: Tensor, d: Tensor) -> Tensor:
         """U = D': re-projected in the relative form R(s·D')."""
         return d
-
-
-class _MomentumRuleInto(MomentumRule):
-    """:class:`MomentumRule` that leaves the given buffer untouched and writes the new one into ``out``."""
-
-    def __init__(self, buf: Tensor | None, momentum: float, dampening: float, nesterov: bool, out: Tensor | None):
-        super().__init__(buf, momentum, dampening, nesterov)
-        self.out = out
-
-    def __call__(self, t: Tensor) -> tuple[Tensor, float]:
-        d, self.buf = _momentum(t, self.buf, self.momentum, self.dampening, self.nesterov, self.out)
-        return d, 1.0
-
-
-class _AdamRuleInto(AdamRule):
-    """:class:`AdamRule` that leaves the given moments untouched and writes the new ones into ``out``
-    (m, v, v_max or None); :meth:`moment` is then the new m."""
-
-    def __init__(self, *args, out: tuple):
-        super().__init__(*args)
-        self.out = out
-
-    def __call__(self, t: Tensor) -> tuple[Tensor, float]:
-        d, s = _adam_direction(*self.state, t, *self.hyper, rows=self.rows, out=self.out)
-        self.state = self.out
-        return d, s
 
 
 # --- geometry updates ----------------------------------------------------------------------------
@@ -206,12 +170,10 @@ def land_safely(x: Tensor, g: Tensor, rule, *, lr: float, lam: float, safe_eps: 
 
 
 def _momentum_step(update, x: Tensor, g: Tensor, buf: Tensor | None, momentum: float, dampening: float,
-                   nesterov: bool, rows: Rows, out: tuple | None = None, **options) -> tuple[Tensor, Tensor | None]:
-    """(X⁺, buf) of the geometry ``update`` driven by SGD momentum, on the tall form of every matrix.
-    ``out``: (buffer,) receiving the new buf, the given buf only read (:func:`_momentum`)."""
-    wide, (x, g, buf, new) = _tall_all(x, g, buf, None if out is None else out[0], rows=rows)
-    rule = MomentumRule(buf, momentum, dampening, nesterov) if out is None else \
-        _MomentumRuleInto(buf, momentum, dampening, nesterov, new)
+                   nesterov: bool, rows: Rows, **options) -> tuple[Tensor, Tensor | None]:
+    """(X⁺, buf) of the geometry ``update`` driven by SGD momentum, on the tall form of every matrix."""
+    wide, (x, g, buf) = _tall_all(x, g, buf, rows=rows)
+    rule = MomentumRule(buf, momentum, dampening, nesterov)
     x_new = update(x, g, rule, rows=rows, **options)
     if wide:
         return _mT(x_new), _mT(rule.buf)
@@ -219,14 +181,10 @@ def _momentum_step(update, x: Tensor, g: Tensor, buf: Tensor | None, momentum: f
 
 
 def _adam_step(update, x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
-               step: int, beta1: float, beta2: float, eps: float, scalar_v: bool, rows: Rows,
-               out: tuple | None = None, **options) -> Tensor:
-    """X⁺ of the geometry ``update`` driven by Adam (moments in place, or into ``out`` = (m, v, v_max
-    or None) with the given ones only read), on the tall form of every matrix."""
-    wide, (x, g, *state) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, *(out or ()), rows=rows)
-    args = (*state[:3], step, beta1, beta2, eps, scalar_v, rows)
-    rule = AdamRule(*args) if out is None else _AdamRuleInto(*args, out=tuple(state[3:]))
-    x_new = update(x, g, rule, rows=rows, **options)
+               step: int, beta1: float, beta2: float, eps: float, scalar_v: bool, rows: Rows, **options) -> Tensor:
+    """X⁺ of the geometry ``update`` driven by Adam (moments in place), on the tall form of every matrix."""
+    wide, (x, g, *state) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, rows=rows)
+    x_new = update(x, g, AdamRule(*state, step, beta1, beta2, eps, scalar_v, rows), rows=rows, **options)
     return _mT(x_new) if wide else x_new
 
 
@@ -279,43 +237,3 @@ def landing_adam_update(x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     η = min(lr, η*) of :func:`safe_step`. O(np²)."""
     return _adam_step(land_safely, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, beta1, beta2, eps, scalar_v,
                       rows, lr=lr, lam=lam, safe_eps=safe_eps)
-
-
-# --- the same steps with the state written into new buffers ---------------------------------------
-# For the optimizers' transactional step (stiefel_opt.optim._base): the given state buffers are only
-# read, so a failed or rolled-back step needs no backup of them. ``out``: the buffers for the new
-# state, in the order of the state arguments (None where that argument is None). Bit-identical to the
-# public steps (the same kernels, written elsewhere).
-
-
-def _riemannian_sgd_into(out, x, g, buf, *, lr, momentum=0.0, dampening=0.0, nesterov=False, retraction="polar",
-                         metric="euclidean", rows=LOCAL):
-    return _momentum_step(retract_and_transport, x, g, buf, momentum, dampening, nesterov, rows, out, lr=lr,
-                          retraction=retraction, metric=metric)
-
-
-def _riemannian_adam_into(out, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr, beta1=0.9, beta2=0.999,
-                          eps=1e-8, retraction="polar", metric="euclidean", scalar_v=False, rows=LOCAL):
-    return _adam_step(retract_and_transport, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, beta1, beta2, eps,
-                      scalar_v, rows, out, lr=lr, retraction=retraction, metric=metric)
-
-
-def _landing_sgd_into(out, x, g, buf, *, lr, momentum=0.0, dampening=0.0, nesterov=False, lam=1.0, safe_eps=0.5,
-                      rows=LOCAL):
-    return _momentum_step(land_safely, x, g, buf, momentum, dampening, nesterov, rows, out, lr=lr, lam=lam,
-                          safe_eps=safe_eps)
-
-
-def _landing_adam_into(out, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr, beta1=0.9, beta2=0.999,
-                       eps=1e-8, lam=1.0, safe_eps=0.5, scalar_v=False, rows=LOCAL):
-    return _adam_step(land_safely, x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, beta1, beta2, eps, scalar_v,
-                      rows, out, lr=lr, lam=lam, safe_eps=safe_eps)
-
-
-_INTO = {
-    riemannian_sgd_update: _riemannian_sgd_into,
-    riemannian_adam_update: _riemannian_adam_into,
-    landing_sgd_update: _landing_sgd_into,
-    landing_adam_update: _landing_adam_into,
-}
-"""Public torch step → its twin ``twin(out, *args, **kwargs)`` writing the new state into ``out``."""

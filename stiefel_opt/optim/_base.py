@@ -35,7 +35,6 @@ from ..manifolds import MatrixManifold, as_manifold, manifold_from_spec
 from ._engine import (STEP_FUNCTIONS, Bucket, check_backend, compute_dtype, is_foreign, nonfinite_matrices,
                       nonfinite_message, param_manifold, step_function)
 from ._foreign import check_foreign, foreign_updates
-from ..functional.steps import _INTO
 
 __all__ = ["StiefelOptimizer", "PackageOptions", "SGDFamily", "AdamFamily", "plain_manifolds"]
 
@@ -58,31 +57,6 @@ class PackageOptions(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, {**defaults, **self.defaults})
-
-
-#: Smallest stack (entries of X) whose new state is written into new buffers instead of updated in
-#: place after a backup copy (:func:`_state_outputs`); below it the copy is cheaper than re-pointing
-#: every parameter's state at new buffers each step.
-_OUT_OF_PLACE_MIN = 1 << 16
-
-
-def _state_outputs(fn: Callable, x: Tensor, stacks: dict) -> Callable | None:
-    """For a torch step with an out-of-place twin (``functional.steps._INTO``) and a stack of at least
-    :data:`_OUT_OF_PLACE_MIN` entries: a step with ``fn``'s signature that writes the new state into
-    new buffers and, once it returned, puts them in ``stacks`` in place of the states' (only read);
-    else None."""
-    twin = _INTO.get(fn)
-    if twin is None or x.numel() < _OUT_OF_PLACE_MIN:
-        return None
-    new = {k: torch.empty_like(t) for k, t in stacks.items() if t is not None}
-    by_id = {id(t): new[k] for k, t in stacks.items() if t is not None}
-
-    def step(x, g, *state, **kwargs):
-        result = twin(tuple(None if t is None else by_id[id(t)] for t in state), x, g, *state, **kwargs)
-        stacks.update(new)
-        return result
-
-    return step
 
 
 class StiefelOptimizer:
@@ -260,32 +234,25 @@ class StiefelOptimizer:
     def _bucket_update(self, group: dict, b: Bucket, fn: Callable, rollbacks: list) -> Callable[[], None]:
         """Compute one bucket's update and return the commit that publishes it.
 
-        Large stacks of the torch steps (:func:`_state_outputs`): the new state is written into new
-        buffers, the states' own only read, so nothing needs a backup or a rollback; the commit
-        installs the new buffers. Otherwise (fused kernels, compiled or sharded steps, small stacks,
-        where a copy costs less than re-pointing the states) the moments are updated in place in the
-        states' own buffers after a backup of them (pushed on ``rollbacks``, which restores them if
-        this or any later part of the step fails). The optimistic pass checks only the results (new
-        point and state); when one is not finite, or a factorization failed, the state is restored
-        and the matrices whose gradient or point is not finite are masked out for a second pass;
-        what is still bad is skipped (rows restored) or raises."""
+        The moments are updated in place in the states' own buffers, after a backup of them (pushed
+        on ``rollbacks``, which restores them if this or any later part of the step fails). The
+        optimistic pass checks only the results (new point and state); when one is not finite, or a
+        factorization failed, the state is restored and the matrices whose gradient or point is not
+        finite are masked out for a second pass; what is still bad is skipped (rows restored) or
+        raises."""
         x = b.stacked("master", init=lambda: b.stack(b.params)) if b.master else b.stack(b.params)
         g = b.stack(b.grads)
         if group["maximize"]:
             g = -g
         stacks = self._state_stacks(group, b)
-        old = dict(stacks)
-        backup: dict = {}
+        backup = {k: t.clone() for k, t in stacks.items() if t is not None}
 
         def rollback():
             for k, t in backup.items():
                 stacks[k].copy_(t)
 
-        into = _state_outputs(fn, x, stacks)
-        if into is None:
-            backup.update((k, t.clone()) for k, t in stacks.items() if t is not None)
-            rollbacks.append(rollback)
-        x_new, bad = self._attempt(group, b, fn if into is None else into, x, g, stacks)
+        rollbacks.append(rollback)
+        x_new, bad = self._attempt(group, b, fn, x, g, stacks)
         if bad is None:
             any_bad, any_stalled = True, False
         else:
@@ -294,11 +261,6 @@ class StiefelOptimizer:
             any_bad, any_stalled = torch.stack([bad.any(), stalled.any()]).tolist()  # the one host sync
         failed = bad is None
         if any_bad:
-            if into is not None:  # the states' buffers are untouched: back to them, in place from here
-                stacks.clear()
-                stacks.update(old)
-                backup.update((k, t.clone()) for k, t in stacks.items() if t is not None)
-                rollbacks.append(rollback)
             rollback()
             bad_grad = nonfinite_matrices(g)
             bad_in = bad_grad | nonfinite_matrices(x)
