@@ -140,4 +140,6 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor | None, scale: float, *, lr: float, 
         gap.diagonal(dim1=-2, dim2=-1).sub_(1.0)
         field = _bmm_add(skew(u @ x.transpose(-1, -2)).mul_(scale) @ x, x, gap, alpha=lam)
     eta = safe_step(torch.linalg.matrix_norm(gap), rows.frobenius(field), lam, safe_eps).clamp_max(lr)
+    if field.stride() == x.stride():  # Λ is ours: X⁺ into its buffer (a fresh large CPU buffer page-faults)
+        return torch.addcmul(x, eta[..., None, None], field, value=-1.0, out=field)
     return torch.addcmul(x, eta[..., None, None], field, value=-1.0)

@@ -51,11 +51,13 @@ def _momentum(t: Tensor, buf: Tensor | None, momentum: float, dampening: float,
 
 def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, t: Tensor,
                     step: int, beta1: float, beta2: float, eps: float, scalar_v: bool, *,
-                    rows: Rows = LOCAL) -> tuple[Tensor, float]:
+                    rows: Rows = LOCAL, scratch: Tensor | None = None) -> tuple[Tensor, float]:
     """Update the moments in place with t and return (D', s) with s·D' = (m/bc1) / (√v̂/√bc2 + eps):
     D' = m / (√v̂ + eps·√bc2) and s = √bc2/bc1, a scalar the caller folds into its p×p coefficients.
 
-    scalar_v: v is one value per matrix (shape (…, 1, 1)), the EMA of mean(t²)."""
+    scalar_v: v is one value per matrix (shape (…, 1, 1)), the EMA of mean(t²). ``scratch``: a
+    tensor of v's shape, dtype and strides that D' may be written into (e.g. t, once the moments
+    have it), instead of a new one (a fresh large CPU buffer page-faults); the same kernels."""
     exp_avg.lerp_(t, 1.0 - beta1)
     if scalar_v:
         exp_avg_sq.mul_(beta2).add_(rows.mean_square(t), alpha=1.0 - beta2)
@@ -66,7 +68,11 @@ def _adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor 
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         v = max_exp_avg_sq
     bc1, bc2_sqrt = adam_bias_corrections(step, beta1, beta2)
-    denom = v.sqrt().add_(eps * bc2_sqrt)
+    if scratch is not None and not scalar_v and scratch.shape == v.shape and scratch.dtype == v.dtype \
+            and scratch.stride() == v.stride():
+        denom = torch.sqrt(v, out=scratch).add_(eps * bc2_sqrt)
+    else:
+        denom = v.sqrt().add_(eps * bc2_sqrt)
     d = exp_avg / denom if scalar_v else torch.div(exp_avg, denom, out=denom)  # no second n×p buffer
     return d, bc2_sqrt / bc1
 
@@ -97,6 +103,8 @@ class AdamRule:
     """Adam as a direction rule (:func:`_adam_direction`): (D', s) with s·D' the Adam direction.
     Element-wise v makes D' non-tangent (re-projected); landing uses Λ = R(s·D')."""
 
+    _reuse_input = False  # True (the steps' own rule): t is the step's temporary, D' may be written into it
+
     def __init__(self, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None, step: int,
                  beta1: float, beta2: float, eps: float, scalar_v: bool, rows: Rows):
         self.state = (exp_avg, exp_avg_sq, max_exp_avg_sq)
@@ -105,7 +113,8 @@ class AdamRule:
         self.rows = rows
 
     def __call__(self, t: Tensor) -> tuple[Tensor, float]:
-        return _adam_direction(*self.state, t, *self.hyper, rows=self.rows)
+        return _adam_direction(*self.state, t, *self.hyper, rows=self.rows,
+                               scratch=t if self._reuse_input else None)
 
     def moment(self) -> Tensor:
         """The first moment m (transported after a retraction)."""
@@ -114,6 +123,13 @@ class AdamRule:
     def landing_input(self, g: Tensor, t: Tensor, d: Tensor) -> Tensor:
         """U = D': re-projected in the relative form R(s·D')."""
         return d
+
+
+class _StepAdamRule(AdamRule):
+    """:class:`AdamRule` of the landing steps below, whose t is the geometry update's own temporary
+    (the tangent term of :func:`land_safely`): D' is written into its buffer."""
+
+    _reuse_input = True
 
 
 # --- geometry updates ----------------------------------------------------------------------------
@@ -184,7 +200,10 @@ def _adam_step(update, x: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
                step: int, beta1: float, beta2: float, eps: float, scalar_v: bool, rows: Rows, **options) -> Tensor:
     """X⁺ of the geometry ``update`` driven by Adam (moments in place), on the tall form of every matrix."""
     wide, (x, g, *state) = _tall_all(x, g, exp_avg, exp_avg_sq, max_exp_avg_sq, rows=rows)
-    x_new = update(x, g, AdamRule(*state, step, beta1, beta2, eps, scalar_v, rows), rows=rows, **options)
+    # landing: t is the update's own tangent term, D' goes into its buffer (measured: no gain for the
+    # retraction, whose later temporaries then miss the block t would have freed)
+    rule = (_StepAdamRule if update is land_safely else AdamRule)(*state, step, beta1, beta2, eps, scalar_v, rows)
+    x_new = update(x, g, rule, rows=rows, **options)
     return _mT(x_new) if wide else x_new
 
 
