@@ -40,6 +40,10 @@ __all__ = ["StiefelOptimizer", "PackageOptions", "SGDFamily", "AdamFamily", "pla
 
 _UNSUPPORTED_ON_MANIFOLD = ("fused", "differentiable", "capturable")
 
+#: Smallest state stack (entries) whose rollback backup is copied into a buffer kept across steps
+#: (CPU only, :meth:`StiefelOptimizer._backup`); smaller ones are cloned.
+_BACKUP_REUSE_MIN = 1 << 16
+
 
 def _ensure_finite_points(x: Tensor, bad: Tensor) -> Tensor:
     """``x`` with the matrices selected by ``bad`` replaced by a fixed orthonormal point (their update is
@@ -178,22 +182,47 @@ class StiefelOptimizer:
                     manifold.append((i, p, m))
             plan.append((gi, group, euclidean, manifold))
         rollbacks: list[Callable[[], None]] = []
+        self.__dict__["_backups_taken"] = []
         try:
+            try:
+                with torch.no_grad():
+                    commits = [c for gi, group, _, manifold in plan if manifold
+                               for c in self._manifold_updates(gi, group, manifold, rollbacks)]
+                for _, group, euclidean, manifold in plan:
+                    if euclidean:
+                        self._euclidean_step(group, euclidean, whole_group=not manifold)
+            except BaseException:
+                with torch.no_grad():
+                    for undo in reversed(rollbacks):
+                        undo()
+                raise
             with torch.no_grad():
-                commits = [c for gi, group, _, manifold in plan if manifold
-                           for c in self._manifold_updates(gi, group, manifold, rollbacks)]
-            for _, group, euclidean, manifold in plan:
-                if euclidean:
-                    self._euclidean_step(group, euclidean, whole_group=not manifold)
-        except BaseException:
-            with torch.no_grad():
-                for undo in reversed(rollbacks):
-                    undo()
-            raise
-        with torch.no_grad():
-            for commit in commits:
-                commit()
+                for commit in commits:
+                    commit()
+        finally:
+            self._release_backups()
         return loss
+
+    def _backup(self, t: Tensor) -> Tensor:
+        """A copy of the state stack ``t`` for the rollback. On CPU, for stacks of at least
+        :data:`_BACKUP_REUSE_MIN` entries, into a buffer the optimizer keeps from step to step (a
+        fresh large CPU buffer page-faults on every step: measured 2-6× the cost of the copy); else a
+        clone. The buffers of a step go back to the pool when it ends (:meth:`_release_backups`)."""
+        if t.device.type != "cpu" or t.numel() < _BACKUP_REUSE_MIN:
+            return t.clone()
+        key = (tuple(t.shape), t.dtype)
+        free = self.__dict__.setdefault("_backup_pool", {}).get(key)
+        buf = free.pop() if free else torch.empty(t.shape, dtype=t.dtype)
+        self.__dict__["_backups_taken"].append((key, buf))
+        return buf.copy_(t)
+
+    def _release_backups(self) -> None:
+        """The step's backup buffers become the pool (only those: a pool never outgrows one step's
+        backups, i.e. the moment stacks of one step)."""
+        pool: dict = {}
+        for key, buf in self.__dict__.pop("_backups_taken", []):
+            pool.setdefault(key, []).append(buf)
+        self.__dict__["_backup_pool"] = pool
 
     def _manifold_updates(self, gi: int, group: dict, items: list, rollbacks: list) -> list[Callable[[], None]]:
         """The group's bucket updates, computed but not published: one commit callable per bucket
@@ -245,7 +274,7 @@ class StiefelOptimizer:
         if group["maximize"]:
             g = -g
         stacks = self._state_stacks(group, b)
-        backup = {k: t.clone() for k, t in stacks.items() if t is not None}
+        backup = {k: self._backup(t) for k, t in stacks.items() if t is not None}
 
         def rollback():
             for k, t in backup.items():
