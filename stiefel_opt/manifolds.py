@@ -80,8 +80,11 @@ class MatrixManifold(Manifold):
         return {"manifold": self.spec_name, "metric": self.metric, "retraction": self.retraction, "ndim": self.ndim}
 
     def with_options(self, metric: str | None = None, retraction: str | None = None) -> "MatrixManifold":
-        """This manifold with another metric and/or retraction (None: keep)."""
-        return type(self)(metric or self.metric, retraction or self.retraction, self.ndim)
+        """This manifold with another metric and/or retraction (None: keep; itself when nothing changes)."""
+        metric, retraction = getattr(metric, "name", metric) or self.metric, retraction or self.retraction
+        if (metric, retraction) == (self.metric, self.retraction):
+            return self
+        return type(self)(metric, retraction, self.ndim)
 
     # --- layout: points ↔ Stiefel matrices ---------------------------------------------------
     def to_matrix(self, x: Tensor) -> Tensor:
@@ -260,6 +263,8 @@ class Stiefel(MatrixManifold):
 
     def matrix_shape(self, shape) -> torch.Size:
         """(…, n, ∏ rest): the trailing ``ndim`` dims as one matrix."""
+        if self.ndim == 2:
+            return torch.Size(shape)
         lead = len(shape) - self.ndim
         return torch.Size((*shape[:lead], shape[lead], math.prod(shape[lead + 1:])))
 

@@ -232,16 +232,17 @@ class StiefelOptimizer:
         foreign, items = foreign_updates(self, gi, group, items)
         buckets: dict[tuple, Bucket] = {}
         for i, p, m in items:
-            where = f"parameter {i} of param group {gi} (shape {tuple(p.shape)})"
+            where = functools.partial("parameter {} of param group {} (shape {})".format, i, gi, tuple(p.shape))
             if p.grad.is_sparse:
                 raise ValueError(f"{type(self).__name__}: sparse gradients are not supported on Stiefel "
-                                 f"parameters ({where})")
+                                 f"parameters ({where()})")
             if p.numel() == 0:
-                raise ValueError(f"{type(self).__name__}: {where} has no entries; an empty matrix has no "
+                raise ValueError(f"{type(self).__name__}: {where()} has no entries; an empty matrix has no "
                                  "orthonormal frame")
             retraction = group["retraction"] or m.retraction
             p_loc, g_loc, layout = _dist.local_parts(p, m, self, group, retraction if self._UPDATE == "retract" else None)
-            mshape = tuple(m.matrix_shape(p_loc.shape)[-2:])
+            matrices = m.matrix_shape(p_loc.shape)
+            mshape = tuple(matrices[-2:])
             state = self.state[p] if p in self.state else {}
             master = p.dtype in F._LOW_PRECISION and group["master_weights"] is not False
             key = (mshape, p.dtype, p.device, tuple(m.spec().values()), retraction, master,
@@ -250,7 +251,7 @@ class StiefelOptimizer:
             if b is None:
                 b = buckets[key] = Bucket(m, mshape, compute_dtype(p.dtype), layout=layout, retraction=retraction,
                                           master=master)
-            b.add(p, p_loc, g_loc, state, where)
+            b.add(p, p_loc, g_loc, state, where, matrices)
         return foreign + [self._bucket_update(group, b, self._step_function(group, b), rollbacks)
                           for b in buckets.values()]
 

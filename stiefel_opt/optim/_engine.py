@@ -208,13 +208,21 @@ class Bucket:
         self.retraction = retraction
         self.master = master
 
-    def add(self, owner: Tensor, local: Tensor, grad: Tensor, state: dict, name: str) -> None:
+    def add(self, owner: Tensor, local: Tensor, grad: Tensor, state: dict, name, matrices=None) -> None:
+        """Add a parameter: its local shard and gradient, its state dict, its ``name`` for messages (a
+        string, or a callable giving it: formatted only when a message needs it) and ``matrices``, the
+        geometry's matrix shape of ``local`` when the caller has it."""
         self.owners.append(owner)
         self.params.append(local)
         self.grads.append(grad)
         self.states.append(state)
         self.names.append(name)
-        self.counts.append(math.prod(self.geometry.matrix_shape(local.shape)[:-2]))
+        self.counts.append(math.prod((self.geometry.matrix_shape(local.shape) if matrices is None else matrices)[:-2]))
+
+    def name(self, i: int) -> str:
+        """The ``i``-th parameter's name, for messages."""
+        n = self.names[i]
+        return n() if callable(n) else n
 
     @property
     def size(self) -> int:
@@ -270,7 +278,7 @@ class Bucket:
         for i, t in enumerate(ts):
             if tuple(t.shape) != self.state_shape(i, shape=shape):
                 raise ValueError(
-                    f"state[{key!r}] of {self.names[i]} has shape {tuple(t.shape)}, but the parameter "
+                    f"state[{key!r}] of {self.name(i)} has shape {tuple(t.shape)}, but the parameter "
                     f"needs {self.state_shape(i, shape=shape)}: was the parameter resized? Drop its state "
                     "(del optimizer.state[param]) to restart it"
                 )
@@ -321,8 +329,8 @@ class Bucket:
 
     def describe(self, mask: Tensor) -> str:
         """The parameters a (B,) mask touches, for messages (how many of its matrices, when it has several)."""
-        hits = [name if k == 1 else f"{n} of {k} matrices of {name}"
-                for n, k, name in zip(self.per_param(mask), self.counts, self.names) if n]
+        hits = [self.name(i) if k == 1 else f"{n} of {k} matrices of {self.name(i)}"
+                for i, (n, k) in enumerate(zip(self.per_param(mask), self.counts)) if n]
         return "; ".join(hits)
 
 

@@ -94,7 +94,7 @@ def _stiefel_params(optimizer, kind: str):
                     "parameters need dense gradients (e.g. nn.Embedding(sparse=False)), or leave this "
                     "parameter out of the Stiefel groups"
                 )
-            out.append((group, p, m, _describe(group, gi, pi, p)))
+            out.append((group, p, m, functools.partial(_describe, group, gi, pi, p)))
     return out
 
 
@@ -107,12 +107,13 @@ def _buckets(optimizer, wrap: "_Wrap", items: list) -> list[tuple[Bucket, float 
         geometry = m.with_options(metric=wrap.metric, retraction=wrap.retraction)
         method = geometry.retraction if wrap.kind == "riemannian" else None
         x, g, layout = _dist.local_parts(p, geometry, optimizer, group, method)
-        mshape = tuple(geometry.matrix_shape(x.shape)[-2:])
+        matrices = geometry.matrix_shape(x.shape)
+        mshape = tuple(matrices[-2:])
         scale = None if wrap.hidden_size is None else math.sqrt(wrap.hidden_size / max(geometry.matrix_shape(p.shape)[-2:]))
         key = (mshape, p.dtype, p.device, tuple(geometry.spec().values()), method, layout, scale)
         if key not in out:
             out[key] = (Bucket(geometry, mshape, compute_dtype(p.dtype), layout=layout, retraction=method), scale)
-        out[key][0].add(p, x, g, optimizer.state.get(p, {}), where)
+        out[key][0].add(p, x, g, optimizer.state.get(p, {}), where, matrices)
     return list(out.values())
 
 
