@@ -245,7 +245,7 @@ class StiefelOptimizer:
             mshape = tuple(matrices[-2:])
             state = self.state[p] if p in self.state else {}
             master = p.dtype in F._LOW_PRECISION and group["master_weights"] is not False
-            key = (mshape, p.dtype, p.device, tuple(m.spec().values()), retraction, master,
+            key = (mshape, p.dtype, p.device, type(m), m.metric, m.ndim, retraction, master,
                    self._bucket_tag(group, state), layout)
             b = buckets.get(key)
             if b is None:

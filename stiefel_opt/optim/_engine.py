@@ -252,7 +252,8 @@ class Bucket:
 
     def unstack_into(self, dst: list[Tensor], stack: Tensor) -> None:
         """Copy a (B, n, p) stack back into the tensors it was stacked from (cast to their dtype)."""
-        if len(dst) == len(stack) and all(t.shape == stack.shape[1:] for t in dst):
+        inner = stack.shape[1:]
+        if len(dst) == len(stack) and all(t.shape == inner for t in dst):
             torch._foreach_copy_(dst, stack.unbind(0))
             return
         parts = [self.geometry.from_matrix(c.reshape(self.geometry.matrix_shape(t.shape)), t.shape)
