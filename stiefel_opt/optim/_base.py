@@ -343,11 +343,11 @@ class StiefelOptimizer:
     def _land_from_outside(self, group: dict, b: Bucket, x: Tensor, x_new: Tensor, stalled: Tensor) -> Tensor:
         """A matrix with d = ‖XᵀX − I‖_F ≥ 1 gets a zero safe step forever (η* = 0 there): project it
         onto the manifold (polar factor) with a warning instead of leaving it stuck."""
-        far = stalled & (F.distance(x) >= 1.0)
+        far = stalled & (F.infeasibility(x) >= 1.0)
         idx = far.nonzero().squeeze(1)
         if idx.numel() == 0:
             return x_new
-        d = F.distance(x[idx])
+        d = F.infeasibility(x[idx])
         warnings.warn(
             f"{type(self).__name__}: {b.describe(far)} lay outside the landing region "
             f"(‖XᵀX − I‖_F up to {float(d.max()):.3g} ≥ 1, where the safe step is 0); projected onto the "
