@@ -58,19 +58,19 @@ def project_stiefel_(optimizer, manifold_of: Callable[[dict, Tensor], object], t
             master = state.get("master")
             master = master if isinstance(master, Tensor) else None
             x = master if master is not None else p.detach()
-            cdtype = _exact_dtype(x)
-            xm = m.to_matrix(x).to(cdtype)
+            xc = x.to(_exact_dtype(x))
+            xm = m.to_matrix(xc)
             try:  # rank deficient at the precision of the data, not of the float64 copy
                 y = F.project(xm, rtol=max(xm.shape[-2:]) * torch.finfo(x.dtype).eps)
             except ValueError as err:
                 raise ValueError(f"{_describe(optimizer, group, gi, pi, p)}: {err}") from None
             if xm.numel():
-                worst = max(worst, float(m.infeasibility(x.to(cdtype)).max()))
+                worst = max(worst, float(m.infeasibility(xc).max()))
             moves = []
             for key in tangent_keys:
                 t = state.get(key)
                 if isinstance(t, Tensor) and t.shape == p.shape:
-                    moves.append((t, m.from_matrix(F.proj_tangent(y, m.to_matrix(t).to(cdtype)).to(t.dtype), t.shape)))
+                    moves.append((t, m.from_matrix(F.proj_tangent(y, m.to_matrix(t).to(xc.dtype)).to(t.dtype), t.shape)))
             plan.append((p, master, m.from_matrix(y.to(x.dtype), x.shape), moves))
     for p, master, y, moves in plan:
         if master is not None:
