@@ -291,9 +291,9 @@ class LoRARITE(torch.optim.Optimizer):
                 continue
             if any(t.grad is not None and t.grad.is_sparse for t in (a, b)):
                 raise ValueError("LoRARITE: sparse gradients are not supported")
-            where = f"pair {i} in param group {gi}"
-            parts = [_dist.factor_parts(t, dim, lambda f=f, t=t: f"LoRARITE: factor {f} (shape {tuple(t.shape)}) "
-                                                                 f"of {where}")
+            # the names are formatted only when a message needs them
+            parts = [_dist.factor_parts(t, dim, lambda f=f, t=t, i=i: f"LoRARITE: factor {f} (shape {tuple(t.shape)}) "
+                                                                      f"of pair {i} in param group {gi}")
                      for f, t, dim in (("A", a, 1), ("B", b, 0))]
             key = (a.shape, b.shape, a.dtype, a.device, parts[0][2], parts[1][2])
             if key not in buckets:
@@ -301,7 +301,7 @@ class LoRARITE(torch.optim.Optimizer):
                                      for local, _, layout in parts)
             for side, t, (local, grad, _) in zip(buckets[key], (a, b), parts):
                 side.add(t, local, torch.zeros_like(local) if grad is None else grad, self.state[t],
-                         f"{where} (A {tuple(a.shape)}, B {tuple(b.shape)})")
+                         lambda i=i, a=a, b=b: f"pair {i} in param group {gi} (A {tuple(a.shape)}, B {tuple(b.shape)})")
         return list(buckets.values())
 
     @staticmethod
