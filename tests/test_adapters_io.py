@@ -230,3 +230,70 @@ def test_a_stiefel_factor_far_off_the_manifold_is_not_saved(tmp_path, scale):
     with pytest.raises(ValueError, match=r"layers\.1\.q_proj\.Y .*not saved"):
         save_adapters(model, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_load_wraps_exactly_the_saved_modules_not_others_ending_in_their_names(tmp_path):
+    """A saved target 'enc.proj' must not also wrap 'x.enc.proj' on load (names matched whole)."""
+    from torch import nn
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(6, 6)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = Inner()
+            self.x = nn.Module()
+            self.x.enc = Inner()
+
+    torch.manual_seed(0)
+    model = Outer()
+    fresh = copy.deepcopy(model)
+    adapted(model, AdapterConfig("lora", r=2, lora_alpha=2, target_modules=["enc.proj"],
+                                 exclude_modules=["x.enc.proj"]))
+    assert sorted(adapter_layers(model)) == ["enc.proj"]
+    save_adapters(model, tmp_path)
+    load_adapters(fresh, tmp_path)
+    assert sorted(adapter_layers(fresh)) == ["enc.proj"]
+
+
+def test_a_non_finite_non_stiefel_tensor_is_refused_on_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = Toy()
+    fresh = copy.deepcopy(model)
+    adapted(model, AdapterConfig("polar", r=2, lora_alpha=2, target_modules=["q_proj"]))
+    save_adapters(model, tmp_path)
+    w = tmp_path / WEIGHTS_NAME
+    tensors = load_file(w)
+    key = next(k for k in tensors if k.endswith("theta"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, w)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    cfg["weights_sha256"] = hashlib.sha256(w.read_bytes()).hexdigest()
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(cfg))
+    before = {n: p.clone() for n, p in fresh.named_parameters()}
+    with pytest.raises(ValueError, match="non-finite"):
+        load_adapters(fresh, tmp_path)
+    assert not adapter_layers(fresh)
+    assert all(torch.equal(p, before[n]) for n, p in fresh.named_parameters())
+
+
+def test_safe_merge_checks_every_layer_before_writing_any():
+    from stiefel_opt.adapters import merge_and_unload
+
+    model = Toy()
+    adapted(model, AdapterConfig("lora", r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]))
+    layers = adapter_layers(model)
+    names = sorted(layers)
+    with torch.no_grad():
+        layers[names[-1]].lora_B.fill_(float("nan"))
+    weights = {n: layers[n].base_layer.weight.clone() for n in names}
+    for merge in (merge_adapters, merge_and_unload):
+        with pytest.raises(ValueError, match="NaN/Inf"):
+            merge(model, safe_merge=True)
+        assert sorted(adapter_layers(model)) == names and AdapterState.of(model) is not None
+        assert not any(layer.merged for layer in adapter_layers(model).values())
+        assert all(torch.equal(adapter_layers(model)[n].base_layer.weight, weights[n]) for n in names)

@@ -156,18 +156,26 @@ class AdapterLayer(nn.Module):
         w = self.base_layer.weight
         w.data.copy_((new_oi.T if self.fan_in_fan_out else new_oi).to(w.dtype))
 
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False) -> None:
-        """Add ΔW to the base weight. ``safe_merge`` checks the result is finite before writing."""
-        if self.merged:
-            raise ValueError(f"{self.module_name or self.method}: the adapter is already merged; unmerge() first")
+    def _checked_merged_weight(self, safe_merge: bool) -> Tensor:
         new = self._merged_weight(self.base_weight())
         if safe_merge and not bool(torch.isfinite(new).all()):
             raise ValueError(
                 f"{self.module_name or self.method}: merging would put NaN/Inf into the base weight; "
                 "the adapter's factors are not finite — not merged"
             )
-        self._write_weight(new)
+        return new
+
+    @torch.no_grad()
+    def check_merge(self) -> None:
+        """``ValueError`` when merging would put NaN/Inf into the base weight; nothing is written."""
+        self._checked_merged_weight(safe_merge=True)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Add ΔW to the base weight. ``safe_merge`` checks the result is finite before writing."""
+        if self.merged:
+            raise ValueError(f"{self.module_name or self.method}: the adapter is already merged; unmerge() first")
+        self._write_weight(self._checked_merged_weight(safe_merge))
         self.merged = True
 
     @torch.no_grad()

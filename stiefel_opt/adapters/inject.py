@@ -13,7 +13,7 @@ import dataclasses
 import math
 import numbers
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -290,10 +290,21 @@ class AdapterState:
         return _unload(model, merge, safe_merge)
 
 
+def _merge_all(model: nn.Module, safe_merge: bool) -> None:
+    """Merge every unmerged adapter; with ``safe_merge`` every layer is checked before any is written
+    (one bad layer leaves the model as it was)."""
+    todo = [layer for layer in adapter_layers(model).values() if not layer.merged]
+    if safe_merge:
+        for layer in todo:
+            layer.check_merge()
+    for layer in todo:
+        layer.merge()
+
+
 def _unload(model: nn.Module, merge: bool, safe_merge: bool = False) -> nn.Module:
+    if merge:
+        _merge_all(model, safe_merge)
     for name, layer in adapter_layers(model).items():
-        if merge and not layer.merged:
-            layer.merge(safe_merge=safe_merge)
         _set_submodule(model, name, layer.base_layer)
     if hasattr(model, _STATE_ATTR):
         delattr(model, _STATE_ATTR)
@@ -335,10 +346,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 
 def merge_adapters(model: nn.Module, safe_merge: bool = False) -> nn.Module:
-    """Merge every unmerged adapter into its base weight."""
-    for layer in adapter_layers(model).values():
-        if not layer.merged:
-            layer.merge(safe_merge=safe_merge)
+    """Merge every unmerged adapter into its base weight (``safe_merge``: all checked before any is written)."""
+    _merge_all(model, safe_merge)
     return model
 
 

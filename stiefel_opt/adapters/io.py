@@ -18,6 +18,7 @@ import hashlib
 import json
 import numbers
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -178,15 +179,16 @@ def _check_fit(expected: dict[str, Tensor], tensors: dict[str, Tensor], director
 
 
 def _check_stiefel(expected: dict[str, Tensor], tensors: dict[str, Tensor], w_path: Path, distance: float) -> None:
-    """Each Stiefel factor is finite and orthonormal within ``StiefelParameter``'s tolerance plus
-    the distance recorded at save time (a landing optimizer keeps X near, not on, the manifold)."""
+    """Every tensor is floating point and finite; each Stiefel factor is orthonormal within
+    ``StiefelParameter``'s tolerance plus the distance recorded at save time (a landing optimizer keeps
+    X near, not on, the manifold)."""
     for key, p in expected.items():
-        if not isinstance(p, StiefelParameter):
-            continue
         t = tensors[key]
         if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-            raise ValueError(f"load_adapters: {w_path}: the Stiefel factor {key!r} has non-finite entries "
+            raise ValueError(f"load_adapters: {w_path}: the tensor {key!r} has non-finite entries "
                              "(or is not floating point); the file is corrupt")
+        if not isinstance(p, StiefelParameter):
+            continue
         m = p.manifold.to_matrix(t.to(torch.promote_types(t.dtype, torch.float32)))
         d = float(F.infeasibility(m).max())
         tol = _tolerance(t.dtype, min(m.shape[-2:])) + distance
@@ -240,7 +242,9 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     _check_stiefel(expected, tensors, w_path, distance)
     if layers:
         return _copy_in(model, tensors, directory)
-    exact = AdapterConfig.from_dict({**config.to_dict(), "target_modules": targets, "exclude_modules": None})
+    # the saved names exactly (a list would also match them as suffixes of other modules' names)
+    exact = AdapterConfig.from_dict({**config.to_dict(), "target_modules": "|".join(map(re.escape, targets)),
+                                     "exclude_modules": None})
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     inject_adapters(model, exact)
     try:
