@@ -53,8 +53,13 @@ class MatrixManifold(Manifold):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("spec_name"):
-            MatrixManifold._REGISTRY[cls.spec_name] = cls
+        name = cls.__dict__.get("spec_name")
+        if name:
+            known = MatrixManifold._REGISTRY.get(name)
+            if known is not None and known.__qualname__ != cls.__qualname__:
+                raise ValueError(f"{cls.__qualname__}: spec_name {name!r} is already the name of {known.__qualname__}; "
+                                 "choose another name")
+            MatrixManifold._REGISTRY[name] = cls
 
     def __init__(self, metric: str = "euclidean", retraction: str = "polar", ndim: int = 2):
         super().__init__()
@@ -185,10 +190,6 @@ class MatrixManifold(Manifold):
         as :func:`~stiefel_opt.functional.transport`; ``x`` is unused)."""
         return self.proju(y, v)
 
-    def transport(self, y: Tensor, v: Tensor) -> Tensor:
-        """V transported to the tangent space at Y by projection, P_Y(V) (:meth:`transp` without X)."""
-        return self.proju(y, v)
-
     def retr_transp(self, x: Tensor, u: Tensor, v: Tensor):
         """(Y, P_Y(V)) with Y = R_X(U) (:meth:`retr`): the retracted point and V transported to it."""
         y = self.retr(x, u)
@@ -273,8 +274,12 @@ def manifold_from_spec(spec, where: str) -> MatrixManifold | None:
     """The manifold a (possibly loaded) param group names: what :func:`as_manifold` accepts, or the
     plain dict of :meth:`MatrixManifold.spec`; a malformed spec raises ``ValueError`` naming ``where``."""
     if not isinstance(spec, dict):
-        return as_manifold(spec)
-    cls = MatrixManifold._REGISTRY.get(spec.get("manifold"))
+        try:
+            return as_manifold(spec)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where} has manifold {spec!r}: {err}") from None
+    name = spec.get("manifold")
+    cls = MatrixManifold._REGISTRY.get(name) if isinstance(name, str) else None
     fields = {k: v for k, v in spec.items() if k != "manifold"}
     if cls is None or set(fields) - {"metric", "retraction", "ndim"}:
         raise ValueError(f"{where} has manifold {spec!r}: expected {{'manifold': one of "

@@ -44,7 +44,8 @@ class Oblique(MatrixManifold):
     def __init__(self, metric: str = "euclidean", retraction: str = "polar", ndim: int = 2):
         if int(ndim) != 2:
             raise ValueError(f"Oblique: ndim must be 2 (the columns of a matrix), got {ndim}")
-        super().__init__(metric, retraction, ndim)
+        super().__init__(metric, retraction, ndim)  # validates the metric,
+        self.metric = "euclidean"  # which St(n, 1) does not tell apart: one geometry, one spec and bucket
 
     def extra_repr(self) -> str:
         return f"retraction={self.retraction!r}"

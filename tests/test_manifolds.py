@@ -267,3 +267,21 @@ def test_a_metric_strategy_is_accepted_where_its_name_is():
     assert torch.allclose(m.egrad2rgrad(x, g), g - x @ g.mT @ x, atol=1e-6)
     with pytest.raises(ValueError, match="metric"):
         Stiefel(metric="riemannian")
+
+
+@pytest.mark.parametrize("spec", [{"manifold": ["x"]}, {"manifold": None}, 3, "grassmann"])
+def test_a_malformed_manifold_spec_raises_value_error_naming_where(spec):
+    from stiefel_opt.manifolds import manifold_from_spec
+
+    with pytest.raises(ValueError, match="param group 7"):
+        manifold_from_spec(spec, "param group 7")
+
+
+def test_a_second_manifold_class_cannot_take_a_registered_spec_name():
+    from stiefel_opt.manifolds import MatrixManifold, as_manifold
+
+    with pytest.raises(ValueError, match="already the name of Stiefel"):
+        class Impostor(Stiefel):
+            spec_name = "stiefel"
+    assert type(as_manifold("stiefel")) is Stiefel
+    assert issubclass(Stiefel, MatrixManifold)

@@ -196,3 +196,14 @@ def test_riemannian_sgd_matches_geoopt_sphere_rows():
         opt_a.step()
         opt_b.step()
     assert float((ours.detach() - theirs.detach().mT).abs().max()) < 1e-10
+
+
+def test_the_metric_does_not_split_oblique_geometries():
+    """Both metrics of St(n, 1) are the sphere's: one spec, one bucket, and shard-safe retractions stay so."""
+    from stiefel_opt.distributed import shard_safe
+
+    a, b = Oblique(metric="canonical", retraction="exp"), Oblique(retraction="exp")
+    assert a.spec() == b.spec() and a.metric == "euclidean"
+    assert shard_safe(a.retraction, a.metric)
+    with pytest.raises(ValueError, match="metric"):
+        Oblique(metric="riemannian")

@@ -27,7 +27,7 @@ adapters call it. Where each topic lives:
 """
 from __future__ import annotations
 
-from .layout import (_LOW_PRECISION, LOCAL, Rows, RowShards, _compute_dtype, _frobenius, _mT, _tall,
+from .layout import (_LOW_PRECISION, LOCAL, Rows, RowShards, _compute_dtype, _mT, _tall,
                      _tall_all, as_metric, gram, is_wide)
 from .retractions import (_SERIES_MAX_DEGREE, RETRACTIONS, _binomial_inv_sqrt, _feasibility_tolerance,
                           _inv_sqrt_near_identity, _polar_via_gram, _qr_near_identity, _reorthonormalize_far,

@@ -115,11 +115,6 @@ def gram(a: Tensor, b: Tensor, *, rows: Rows = LOCAL) -> Tensor:
     return rows.gram(a, b)
 
 
-def _frobenius(a: Tensor, *, rows: Rows = LOCAL) -> Tensor:
-    """‖A‖_F per matrix; on row shards √(Σ_shards ‖A_k‖²_F) (one value per matrix)."""
-    return rows.frobenius(a)
-
-
 def _mT(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.transpose(-1, -2)
 

@@ -152,9 +152,7 @@ def param_manifold(group: dict, p: Tensor, point_set: bool = False):
     return pm if is_foreign(pm) else None
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a parameter's manifold math runs in: fp32 for bf16/fp16, else its own."""
-    return torch.float32 if dtype in F._LOW_PRECISION else dtype
+compute_dtype = F._compute_dtype  # the dtype a parameter's manifold math runs in (fp32 for bf16/fp16)
 
 
 # --- buckets ---------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ class _Wrap:
         else:
             field = F.landing_field(x, g, self.lam, rows=rows)
         if self.clip is not None:
-            norm = F._frobenius(field, rows=rows).clamp_min(torch.finfo(field.dtype).tiny)
+            norm = rows.frobenius(field).clamp_min(torch.finfo(field.dtype).tiny)
             field = field * (self.clip / norm).clamp_max(1.0)[..., None, None]
         return field
 
