@@ -476,3 +476,21 @@ def test_pxp_plans_equal_the_direct_computation(shape, metric, seed):
     torch.testing.assert_close(step @ k, F.project(step), **close)
     torch.testing.assert_close(m - step @ F.transport_coefficient(k, step.mT @ m),
                                F.proj_tangent(step @ k, m), **close)
+
+
+@pytest.mark.parametrize("lead,n,k,r", [((4,), 4096, 4, 4), ((32,), 512, 8, 8), ((2, 3), 300, 4, 2),
+                                        ((4,), 512, 16, 16), ((4,), 256, 8, 8)])
+def test_product_accumulation_is_beta_c_plus_alpha_ab_on_either_path(lead, n, k, r):
+    """_bmm_add/_mm_add_ take a bmm then an add for small right factors and one baddbmm otherwise
+    (layout._accumulates_slowly); both are βC + αA·B, with B broadcast over the batch."""
+    from stiefel_opt.functional.layout import _bmm_add, _mm_add_
+    gen = torch.Generator().manual_seed(n + k)
+    a = torch.randn(*lead, n, k, generator=gen, dtype=torch.float64)
+    c = torch.randn(*lead, n, r, generator=gen, dtype=torch.float64)
+    for b in (torch.randn(*lead, k, r, generator=gen, dtype=torch.float64),
+              torch.randn(k, r, generator=gen, dtype=torch.float64)):
+        want = 0.5 * c - 1.5 * torch.einsum("...ik,...kj->...ij", a, b.expand(*lead, k, r))
+        torch.testing.assert_close(_bmm_add(c, a, b, beta=0.5, alpha=-1.5), want, rtol=1e-12, atol=1e-12)
+        out = c.clone()
+        assert _mm_add_(out, a, b, alpha=-1.5) is out
+        torch.testing.assert_close(out, want + 0.5 * c, rtol=1e-12, atol=1e-12)

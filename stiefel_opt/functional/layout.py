@@ -212,14 +212,26 @@ def _tall_all(x: Tensor, *others: Tensor | None, rows: Rows = LOCAL) -> tuple[bo
 # --- batched products over flattened leading dims ------------------------------------------------
 
 
+def _accumulates_slowly(a: Tensor, b: Tensor) -> bool:
+    """Whether adding A B into C is faster as a product then an add than as one ``baddbmm``: on CPU
+    with a small k×r right factor B (k·r ≤ 16, or ≤ 64 over ≥ 8192 rows in all), where a baddbmm
+    with β ≠ 0 was measured 1.5–3× slower than ``bmm`` + ``add_`` (``benchmarks/kernels``' thin
+    products; from k·r ≥ 256 the single baddbmm is the faster one)."""
+    size = b.shape[-1] * b.shape[-2]
+    return a.device.type == "cpu" and (size <= 16 or (size <= 64 and a.numel() // a.shape[-1] >= 8192))
+
+
 def _bmm_add(c: Tensor | None, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
-    """beta·C + alpha·A B for batched (…×n×k)(…×k×r), through one baddbmm over flattened batch dims."""
+    """beta·C + alpha·A B for batched (…×n×k)(…×k×r), through one baddbmm over flattened batch dims
+    (a bmm then an add where that is faster: :func:`_accumulates_slowly`)."""
     lead = a.shape[:-2]
     a3 = a.reshape(-1, *a.shape[-2:])
     b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     if c is None:
         return torch.bmm(a3, b3).mul_(alpha).reshape(*lead, a.shape[-2], b.shape[-1])
     c3 = c.reshape(-1, *c.shape[-2:])
+    if _accumulates_slowly(a, b):
+        return torch.baddbmm(c3, a3, b3, beta=0.0, alpha=alpha).add_(c3, alpha=beta).reshape(c.shape)
     return torch.baddbmm(c3, a3, b3, beta=beta, alpha=alpha).reshape(c.shape)
 
 
@@ -240,6 +252,10 @@ def _mm_add_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
     if out.dim() == 2:
         return out.addmm_(a, b, alpha=alpha)
     lead = a.shape[:-2]
-    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]),
-                                           b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:]), alpha=alpha)
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    out3 = out.view(-1, *out.shape[-2:])
+    if _accumulates_slowly(a, b):
+        out3.add_(torch.baddbmm(out3, a3, b3, beta=0.0, alpha=alpha))
+    else:
+        out3.baddbmm_(a3, b3, alpha=alpha)
     return out
