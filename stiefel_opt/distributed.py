@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 from typing import Callable, Iterator
 
 import torch
@@ -189,6 +190,13 @@ def _layout(p: Tensor, mode: str, mesh_dim: int, axis: int, gshape: tuple) -> _L
                    dist.get_world_size(pg), dist.get_rank(pg))
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor; without importing ``torch.distributed.tensor`` (nothing is a
+    DTensor before that module is imported), so that the per-step check of a plain tensor is one lookup."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def local_parts(p: Tensor, manifold: MatrixManifold, optimizer, group: dict,
                 retraction: str | None) -> tuple[Tensor, Tensor, _Layout | None]:
     """(local parameter, local gradient, layout or None) for the optimizers' buckets.
@@ -196,9 +204,7 @@ def local_parts(p: Tensor, manifold: MatrixManifold, optimizer, group: dict,
     A plain tensor gives (p, p.grad, None). A DTensor gives its local shard and the layout of the
     split (:meth:`~stiefel_opt.manifolds.MatrixManifold.shard_axis` says which matrix axis a split
     dim cuts); ``retraction`` (None for landing steps) is checked against what row shards allow."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(p, DTensor):
+    if not is_dtensor(p):
         return p, p.grad, None
     local, local_grad, split = _split(p, lambda: _describe(optimizer, group, p))
     if split is None:
@@ -230,9 +236,7 @@ def factor_parts(p: Tensor, long_dim: int, describe: Callable[[], str]) -> tuple
     """(local factor, local gradient, layout or None) of a 2-D LoRA factor whose tall form has its
     rows on dim ``long_dim`` (A: r×in → 1, B: out×r → 0): ``rows`` when that dim is split, ``gather``
     when the rank dim r is split. A plain or replicated tensor gives layout None."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(p, DTensor):
+    if not is_dtensor(p):
         return p, p.grad, None
     local, local_grad, split = _split(p, describe)
     if split is None:

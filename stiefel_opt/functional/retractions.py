@@ -50,7 +50,7 @@ def _series_degree(delta: float, dtype: torch.dtype) -> int | None:
 def _identity_offset(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(c, A, δ) for a batch of symmetric S: c = tr(S)/p (shape …×1×1), A = S/c − I and
     δ = ‖A‖_F ≥ ‖A‖₂ per matrix (+inf where c ≤ 0 or S is not finite)."""
-    c = torch.diagonal(s, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    c = torch.diagonal(s, dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze_(-1)
     a = s / c
     a.diagonal(dim1=-2, dim2=-1).sub_(1.0)
     delta = torch.linalg.matrix_norm(a)
@@ -66,16 +66,16 @@ def _inv_sqrt_near_identity(s: Tensor) -> Tensor | None:
     min(‖A‖_F, ‖A²‖_F^½) ≥ ‖A‖₂ (A symmetric): every eigenvalue of the result is then within
     ε_mach/4 (relative) of the exact one. Summed as Σ_j (c_2j I + c_2j+1 A)(A²)^j (Horner in A²):
     ⌊m/2⌋ products of p×p matrices, A² included (m = 2, the usual degree of an Adam step in fp32:
-    A² alone). One or two host syncs (the degree); under torch.compile, None (no data-dependent
-    branch).
+    A² alone). ‖A²‖_F^½ is consulted only when ‖A‖_F asks for m > 2 (at m = 2 a lower degree would
+    save no product). One or two host syncs (the degree); under torch.compile, None (no
+    data-dependent branch).
     """
     if torch.compiler.is_compiling() or s.numel() == 0:
         return None
     c, a, delta = _identity_offset(s)
     m = _series_degree(float(delta.max()), s.dtype)
-    a2 = None
-    if m is None or m >= 2:
-        a2 = a @ a
+    a2 = None if m is not None and m < 2 else a @ a
+    if m is None or m > 2:
         delta = torch.minimum(delta, torch.linalg.matrix_norm(a2).sqrt())
         m = _series_degree(float(delta.max()), s.dtype)
         if m is None:

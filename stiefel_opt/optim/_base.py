@@ -287,8 +287,11 @@ class StiefelOptimizer:
             any_bad, any_stalled = True, False
         else:
             bad = _dist.agree(bad, b.layout)
-            stalled = self._stalled(b, x, x_new, bad)
-            any_bad, any_stalled = torch.stack([bad.any(), stalled.any()]).tolist()  # the one host sync
+            if self._may_stall(b):
+                stalled = self._stalled(b, x, x_new, bad)
+                any_bad, any_stalled = torch.stack([bad.any(), stalled.any()]).tolist()  # the one host sync
+            else:
+                any_bad, any_stalled = bool(bad.any()), False
         failed = bad is None
         if any_bad:
             rollback()
@@ -330,13 +333,19 @@ class StiefelOptimizer:
         total = x_new.sum(dim=(-2, -1))
         for k in self._UNSEEN_STATE:
             if stacks.get(k) is not None:
-                total = total + stacks[k].sum(dim=(-2, -1))
-        return x_new, ~total.isfinite()
+                total.add_(stacks[k].sum(dim=(-2, -1)))
+        return x_new, total.isfinite().logical_not_()
+
+    def _may_stall(self, b: Bucket) -> bool:
+        """Whether the bucket's step can leave a matrix exactly in place for good: a landing step on
+        whole matrices (η* = 0 outside the landing region); a retraction always moves or is skipped."""
+        return self._UPDATE == "land" and b.layout is None
 
     def _stalled(self, b: Bucket, x: Tensor, x_new: Tensor, bad: Tensor) -> Tensor:
-        """(B,) mask of matrices a landing step may have left exactly in place (none for retractions):
-        their first row did not move (a zero step moves no row; a false alarm only costs a check of d)."""
-        if self._UPDATE != "land" or b.layout is not None:
+        """(B,) mask of matrices a landing step may have left exactly in place (none where
+        :meth:`_may_stall` is False): their first row did not move (a zero step moves no row; a false
+        alarm only costs a check of d)."""
+        if not self._may_stall(b):
             return torch.zeros_like(bad)
         return (x_new[:, 0] == x[:, 0]).all(-1) & ~bad
 
