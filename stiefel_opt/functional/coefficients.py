@@ -3,6 +3,7 @@ which read the n×p matrices once for their Gram blocks and once to apply p×p c
 each n×p result is written A·C_A + B·C_B with C computed here from Grams alone."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .layout import _eye_like, as_metric
@@ -10,13 +11,20 @@ from .retractions import _inv_sqrt_near_identity, _inv_sqrt_psd
 from .stiefel import sym
 
 
-def landing_coefficients(xtx: Tensor, gtx: Tensor, lam: float = 1.0) -> tuple[Tensor, Tensor]:
-    """p×p coefficients (C_G, C_X) of the landing field Λ = G·C_G + X·C_X from the Gram blocks:
-    C_G = ½XᵀX, C_X = λ(XᵀX − I) − ½GᵀX (the two halves of C in :func:`landing_field`).
+def landing_coefficients(xtx: Tensor, gtx: Tensor, lam: float = 1.0, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """p×p coefficients (C_G, C_X) of the landing field Λ = R(s·G) + λX(XᵀX − I) = G·C_G + X·C_X,
+    R(V) = ½(V·XᵀX − X·VᵀX), from the Gram blocks: C_G = (s/2)XᵀX, C_X = λ(XᵀX − I) − (s/2)GᵀX
+    (the two halves of C in :func:`landing_field`; s = ``scale``). λ = 0: the tangent term alone.
 
     For fused kernels that read [X G] once for the Gram blocks and once to apply C.
     """
-    return 0.5 * xtx, lam * (xtx - _eye_like(xtx)) - 0.5 * gtx
+    half = 0.5 * scale
+    if lam == 0:
+        return half * xtx, -half * gtx
+    gap = xtx - _eye_like(xtx)
+    if lam != 1:
+        gap.mul_(lam)
+    return half * xtx, gap.sub_(gtx, alpha=half)
 
 
 def polar_coefficients(gram: Tensor) -> Tensor:
@@ -64,6 +72,13 @@ def frobenius_from_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb: Te
     against rounding), one value per matrix: the norm of a field such as Λ = D·C_D + X·C_X without
     a pass over it.
     """
-    # tr(MᵀGM') = ⟨M, G·M'⟩: three p×p products instead of combination_gram's six
-    sq = (c_a * (aa @ c_a)).sum((-2, -1)) + 2.0 * (c_b * (ba @ c_a)).sum((-2, -1)) + (c_b * (bb @ c_b)).sum((-2, -1))
-    return sq.clamp_min(0.0).sqrt()
+    return _frobenius_sq_from_gram(c_a, c_b, aa, ba, bb).sqrt_()
+
+
+def _frobenius_sq_from_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb: Tensor,
+                            keepdim: bool = False) -> Tensor:
+    """‖A·C_A + B·C_B‖²_F ≥ 0 (:func:`frobenius_from_gram` before its square root)."""
+    # tr(MᵀGM') = ⟨M, G·M'⟩ and ⟨C_B, BᵀA·C_A⟩ = ⟨AᵀB·C_B, C_A⟩:
+    # ⟨C_A, AᵀA·C_A + 2AᵀB·C_B⟩ + ⟨C_B, BᵀB·C_B⟩, three p×p products
+    inner = (aa @ c_a).add_(ba.transpose(-1, -2) @ c_b, alpha=2.0)
+    return torch.addcmul(c_a * inner, c_b, bb @ c_b).sum((-2, -1), keepdim=keepdim).clamp_min_(0.0)

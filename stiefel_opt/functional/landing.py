@@ -3,10 +3,12 @@
 update X⁺ = X − ηΛ (:func:`_land`), each product associated as :func:`_landing_association` says."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .coefficients import frobenius_from_gram, landing_coefficients
+from .coefficients import _frobenius_sq_from_gram, landing_coefficients
 from .layout import LOCAL, Rows, _bmm_add, _eye_like, _mm_add_, _mm_scaled, _tall, gram
 from .stiefel import skew
 
@@ -35,15 +37,20 @@ def safe_step(d: Tensor, a: Tensor, lam: float, eps: float = 0.5) -> Tensor:
     with d = ‖XᵀX − I‖_F and a = ‖Λ‖_F, elementwise over batches. The 1/(2λ) cap and the
     clamp of ε − d at 0 are what keep d from blowing past ε.
     """
+    return _safe_step_sq(d, a * a, lam, eps)
+
+
+def _safe_step_sq(d: Tensor, a2: Tensor, lam: float, eps: float, lr: float = math.inf) -> Tensor:
+    """min(lr, η*) of :func:`safe_step` from a² = ‖Λ‖²_F (no square root to take, none to undo)."""
     if not 0.0 < eps < 1.0:
         raise ValueError(f"safe_step: eps must lie in (0, 1), got {eps}")
     if lam <= 0:
         raise ValueError(f"safe_step: lam must be > 0, got {lam}")
-    lin = lam * d * (1.0 - d)
-    a2 = a * a
-    num = lin + torch.sqrt(lin * lin + a2 * (eps - d).clamp_min(0.0))
-    eta = num / a2.clamp_min(torch.finfo(a2.dtype).tiny)
-    return eta.clamp_max(1.0 / (2.0 * lam))
+    lin = d * (1.0 - d)
+    if lam != 1:
+        lin.mul_(lam)
+    num = torch.addcmul(lin * lin, a2, (eps - d).clamp_min_(0.0)).sqrt_().add_(lin)
+    return num.div_(a2.clamp_min(torch.finfo(a2.dtype).tiny)).clamp_max_(min(lr, 1.0 / (2.0 * lam)))
 
 
 def landing_plan(xtx: Tensor, c_a: Tensor, c_x: Tensor, aa: Tensor, xta: Tensor, *, lr: float,
@@ -52,10 +59,10 @@ def landing_plan(xtx: Tensor, c_a: Tensor, c_x: Tensor, aa: Tensor, xta: Tensor,
     AᵀA, XᵀA: d = ‖XᵀX − I‖_F, a = ‖Λ‖_F (:func:`frobenius_from_gram`), the per-matrix
     η = min(lr, η*(d, a)) of :func:`safe_step`; K_X = I − ηC_X, K_A = −ηC_A."""
     eye = _eye_like(xtx)
-    dist = torch.linalg.matrix_norm(xtx - eye)
-    a = frobenius_from_gram(c_a, c_x, aa, xta, xtx)
-    eta = safe_step(dist, a, lam, safe_eps).clamp_max(lr)[..., None, None]
-    return eye - eta * c_x, -eta * c_a
+    dist = torch.linalg.matrix_norm(xtx - eye, keepdim=True)
+    a2 = _frobenius_sq_from_gram(c_a, c_x, aa, xta, xtx, keepdim=True)
+    neg_eta = _safe_step_sq(dist, a2, lam, safe_eps, lr).neg_()
+    return torch.addcmul(eye, neg_eta, c_x), c_a * neg_eta
 
 
 #: Largest p for which the thin landing step never forms Λ (``"small"`` in :func:`_landing_association`).
@@ -117,15 +124,15 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor | None, scale: float, *, lr: float, 
     route = _landing_association(*x.shape[-2:], rows)
     if route == "small":  # X⁺ = X·K_X + U·K_U from the Grams UᵀX, UᵀU (landing_plan)
         utx = gram(u, x, rows=rows)
-        c_u, c_x = landing_coefficients(xtx, scale * utx, lam)
-        k_x, k_u = landing_plan(xtx, scale * c_u, c_x, gram(u, u, rows=rows), utx.transpose(-1, -2), lr=lr,
+        c_u, c_x = landing_coefficients(xtx, utx, lam, scale)
+        k_x, k_u = landing_plan(xtx, c_u, c_x, gram(u, u, rows=rows), utx.transpose(-1, -2), lr=lr,
                                 lam=lam, safe_eps=safe_eps)
         return (x @ k_x).add_(u @ k_u)
     if route == "thin":
         # Λ = U·(½s XᵀX) + X·(λ(XᵀX − I) − ½s UᵀX) (landing_coefficients): two n×p-by-p×p products
-        c_u, c_x = landing_coefficients(xtx, scale * gram(u, x, rows=rows), lam)
+        c_u, c_x = landing_coefficients(xtx, gram(u, x, rows=rows), lam, scale)
         gap = xtx - _eye_like(xtx)
-        field = _mm_add_(u @ (scale * c_u), x, c_x)
+        field = _mm_add_(u @ c_u, x, c_x)
     elif route == "square":
         # X(XᵀX − I) = (XXᵀ − I)X: Λ = λ(XXᵀ − I + (s/2λ)(UXᵀ − XUᵀ))X, one n×n-by-n×n product
         gap = x @ x.transpose(-1, -2)
@@ -139,7 +146,7 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor | None, scale: float, *, lr: float, 
         gap = gram(x, x, rows=rows)
         gap.diagonal(dim1=-2, dim2=-1).sub_(1.0)
         field = _bmm_add(skew(u @ x.transpose(-1, -2)).mul_(scale) @ x, x, gap, alpha=lam)
-    eta = safe_step(torch.linalg.matrix_norm(gap), rows.frobenius(field), lam, safe_eps).clamp_max(lr)
+    eta = _safe_step_sq(torch.linalg.matrix_norm(gap), rows.frobenius(field).square(), lam, safe_eps, lr)
     if field.stride() == x.stride():  # Λ is ours: X⁺ into its buffer (a fresh large CPU buffer page-faults)
         return torch.addcmul(x, eta[..., None, None], field, value=-1.0, out=field)
     return torch.addcmul(x, eta[..., None, None], field, value=-1.0)

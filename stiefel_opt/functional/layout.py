@@ -186,7 +186,7 @@ def _tall(n_matrix_args: int, returns_matrix: bool = True):
             _check_matrices(fn.__name__, names, args[:n_matrix_args])
             dtype = x.dtype
             cdtype = _compute_dtype(dtype)
-            mats = [a if a is None else a.to(cdtype) for a in args[:n_matrix_args]]
+            mats = [a if a is None or a.dtype == cdtype else a.to(cdtype) for a in args[:n_matrix_args]]
             wide = kwargs.get("rows", LOCAL).is_wide(x)
             if wide:
                 mats = [_mT(a) for a in mats]
@@ -195,7 +195,7 @@ def _tall(n_matrix_args: int, returns_matrix: bool = True):
                 return out
             if wide:
                 out = _mT(out)
-            return out.to(dtype)
+            return out if out.dtype == dtype else out.to(dtype)
 
         return inner_fn
 
@@ -218,21 +218,30 @@ def _accumulates_slowly(a: Tensor, b: Tensor) -> bool:
     with β ≠ 0 was measured 1.5–3× slower than ``bmm`` + ``add_`` (``benchmarks/kernels``' thin
     products; from k·r ≥ 256 the single baddbmm is the faster one)."""
     size = b.shape[-1] * b.shape[-2]
-    return a.device.type == "cpu" and (size <= 16 or (size <= 64 and a.numel() // a.shape[-1] >= 8192))
+    return a.is_cpu and (size <= 16 or (size <= 64 and a.numel() >= 8192 * a.shape[-1]))
+
+
+def _as_bmm(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(A, B) as the 3-D operands of one bmm over A's flattened leading dims (B broadcast over them);
+    returned as they are when both already are 3-D stacks of the same size (no view to dispatch)."""
+    if a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0]:
+        return a, b
+    lead = a.shape[:-2]
+    return a.reshape(-1, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
 
 
 def _bmm_add(c: Tensor | None, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
     """beta·C + alpha·A B for batched (…×n×k)(…×k×r), through one baddbmm over flattened batch dims
     (a bmm then an add where that is faster: :func:`_accumulates_slowly`)."""
-    lead = a.shape[:-2]
-    a3 = a.reshape(-1, *a.shape[-2:])
-    b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    a3, b3 = _as_bmm(a, b)
     if c is None:
-        return torch.bmm(a3, b3).mul_(alpha).reshape(*lead, a.shape[-2], b.shape[-1])
-    c3 = c.reshape(-1, *c.shape[-2:])
+        return torch.bmm(a3, b3).mul_(alpha).view(*a.shape[:-2], a.shape[-2], b.shape[-1])
+    c3 = c if c.dim() == 3 else c.reshape(-1, *c.shape[-2:])
     if _accumulates_slowly(a, b):
-        return torch.baddbmm(c3, a3, b3, beta=0.0, alpha=alpha).add_(c3, alpha=beta).reshape(c.shape)
-    return torch.baddbmm(c3, a3, b3, beta=beta, alpha=alpha).reshape(c.shape)
+        out = torch.baddbmm(c3, a3, b3, beta=0.0, alpha=alpha).add_(c3, alpha=beta)
+    else:
+        out = torch.baddbmm(c3, a3, b3, beta=beta, alpha=alpha)
+    return out if c.dim() == 3 else out.view(c.shape)
 
 
 def _mm_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
@@ -251,9 +260,8 @@ def _mm_add_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
     freshly computed by the caller), returned."""
     if out.dim() == 2:
         return out.addmm_(a, b, alpha=alpha)
-    lead = a.shape[:-2]
-    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    out3 = out.view(-1, *out.shape[-2:])
+    a3, b3 = _as_bmm(a, b)
+    out3 = out if out.dim() == 3 else out.view(-1, *out.shape[-2:])
     if _accumulates_slowly(a, b):
         out3.add_(torch.baddbmm(out3, a3, b3, beta=0.0, alpha=alpha))
     else:

@@ -48,17 +48,17 @@ def _series_degree(delta: float, dtype: torch.dtype) -> int | None:
 
 
 def _identity_offset(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(c, A, δ) for a batch of symmetric S: c = tr(S)/p (shape …×1×1), A = S/c − I and
-    δ = ‖A‖_F ≥ ‖A‖₂ per matrix (+inf where c ≤ 0 or S is not finite)."""
+    """(c, A, δ) for a batch of Gram matrices S = YᵀY: c = tr(S)/p ≥ 0 (shape …×1×1), A = S/c − I
+    and δ = ‖A‖_F ≥ ‖A‖₂ per matrix (NaN where c = 0, i.e. Y = 0, or S is not finite: every
+    certificate declines it)."""
     c = torch.diagonal(s, dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze_(-1)
     a = s / c
     a.diagonal(dim1=-2, dim2=-1).sub_(1.0)
-    delta = torch.linalg.matrix_norm(a)
-    return c, a, torch.where((c > 0).reshape(delta.shape), delta, torch.inf)  # also NaN
+    return c, a, torch.linalg.matrix_norm(a)
 
 
 def _inv_sqrt_near_identity(s: Tensor) -> Tensor | None:
-    """S^(−1/2) of a batch of symmetric p×p matrices near a multiple of I, by matmuls only; None
+    """S^(−1/2) of a batch of p×p Gram matrices near a multiple of I, by matmuls only; None
     when it cannot be certified (then the caller takes the ``eigh`` route).
 
     With c = tr(S)/p and A = S/c − I (per matrix), S^(−1/2) = c^(−1/2) Σ_k c_k A^k, the binomial

@@ -285,13 +285,16 @@ class StiefelOptimizer:
         x_new, bad = self._attempt(group, b, fn, x, g, stacks)
         if bad is None:
             any_bad, any_stalled = True, False
+        elif self._may_stall(b):
+            bad = _dist.agree(bad, b.layout)
+            unmoved = self._unmoved(x, x_new)
+            any_bad = any_stalled = bool((bad | unmoved).any())  # the one host sync
+            if any_bad:  # tell the two apart
+                stalled = unmoved & ~bad
+                any_bad, any_stalled = bool(bad.any()), bool(stalled.any())
         else:
             bad = _dist.agree(bad, b.layout)
-            if self._may_stall(b):
-                stalled = self._stalled(b, x, x_new, bad)
-                any_bad, any_stalled = torch.stack([bad.any(), stalled.any()]).tolist()  # the one host sync
-            else:
-                any_bad, any_stalled = bool(bad.any()), False
+            any_bad, any_stalled = bool(bad.any()), False
         failed = bad is None
         if any_bad:
             rollback()
@@ -341,13 +344,18 @@ class StiefelOptimizer:
         whole matrices (η* = 0 outside the landing region); a retraction always moves or is skipped."""
         return self._UPDATE == "land" and b.layout is None
 
-    def _stalled(self, b: Bucket, x: Tensor, x_new: Tensor, bad: Tensor) -> Tensor:
-        """(B,) mask of matrices a landing step may have left exactly in place (none where
-        :meth:`_may_stall` is False): their first row did not move (a zero step moves no row; a false
+    @staticmethod
+    def _unmoved(x: Tensor, x_new: Tensor) -> Tensor:
+        """(B,) mask of the matrices whose first row did not move (a zero step moves no row; a false
         alarm only costs a check of d)."""
+        return (x_new[:, 0] == x[:, 0]).all(-1)
+
+    def _stalled(self, b: Bucket, x: Tensor, x_new: Tensor, bad: Tensor) -> Tensor:
+        """(B,) mask of the good matrices a landing step may have left exactly in place (none where
+        :meth:`_may_stall` is False): :meth:`_unmoved` ones."""
         if not self._may_stall(b):
             return torch.zeros_like(bad)
-        return (x_new[:, 0] == x[:, 0]).all(-1) & ~bad
+        return self._unmoved(x, x_new) & ~bad
 
     def _land_from_outside(self, group: dict, b: Bucket, x: Tensor, x_new: Tensor, stalled: Tensor) -> Tensor:
         """A matrix with d = ‖XᵀX − I‖_F ≥ 1 gets a zero safe step forever (η* = 0 there): project it
