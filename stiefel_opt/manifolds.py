@@ -290,6 +290,12 @@ def manifold_from_spec(spec, where: str) -> MatrixManifold | None:
         raise ValueError(f"{where} has manifold {spec!r}: {err}") from None
 
 
+def is_matrix_manifold(manifold) -> bool:
+    """``isinstance(manifold, MatrixManifold)`` through the type's MRO: geoopt's manifolds are ABCs,
+    whose ``isinstance`` runs Python code, and the optimizers ask this per parameter per step."""
+    return MatrixManifold in type(manifold).__mro__
+
+
 def is_stiefel(manifold) -> bool:
     """True for our ``Stiefel`` and for geoopt's ``EuclideanStiefel``, the one geoopt Stiefel manifold
     ``Stiefel(retraction="qr")`` reproduces exactly (projection P_X, QR retraction, transport by P_Y).
@@ -310,7 +316,7 @@ def as_manifold(manifold) -> MatrixManifold | None:
     """
     if manifold is None or manifold == "euclidean" or type(manifold) is geoopt.Euclidean:
         return None
-    if isinstance(manifold, MatrixManifold):
+    if is_matrix_manifold(manifold):
         return manifold
     if isinstance(manifold, str):
         cls = MatrixManifold._REGISTRY.get(manifold.lower())

@@ -46,10 +46,10 @@ def _safe_step_sq(d: Tensor, a2: Tensor, lam: float, eps: float, lr: float = mat
         raise ValueError(f"safe_step: eps must lie in (0, 1), got {eps}")
     if lam <= 0:
         raise ValueError(f"safe_step: lam must be > 0, got {lam}")
-    lin = d * (1.0 - d)
+    lin = d * torch.rsub(d, 1.0)
     if lam != 1:
         lin.mul_(lam)
-    num = torch.addcmul(lin * lin, a2, (eps - d).clamp_min_(0.0)).sqrt_().add_(lin)
+    num = torch.addcmul(lin * lin, a2, torch.rsub(d, eps).clamp_min_(0.0)).sqrt_().add_(lin)
     return num.div_(a2.clamp_min(torch.finfo(a2.dtype).tiny)).clamp_max_(min(lr, 1.0 / (2.0 * lam)))
 
 

@@ -31,7 +31,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from .. import distributed as _dist
 from .. import functional as F
-from ..manifolds import MatrixManifold, as_manifold, manifold_from_spec
+from ..manifolds import MatrixManifold, as_manifold, is_matrix_manifold, manifold_from_spec
 from ._engine import (STEP_FUNCTIONS, Bucket, check_backend, compute_dtype, is_foreign, nonfinite_matrices,
                       nonfinite_message, param_manifold, step_function)
 from ._foreign import check_foreign, foreign_updates
@@ -121,7 +121,7 @@ class StiefelOptimizer:
                 f"got {group['retraction']!r}"
             )
         m = group["manifold"]
-        if m is not None and not isinstance(m, MatrixManifold):
+        if m is not None and not is_matrix_manifold(m):
             raise ValueError(f"{name}: a param group's manifold must be None, a manifold name or a MatrixManifold "
                              f"(Stiefel, Oblique), got {m!r}")
         lr = float(group["lr"])
@@ -243,7 +243,9 @@ class StiefelOptimizer:
             p_loc, g_loc, layout = _dist.local_parts(p, m, self, group, retraction if self._UPDATE == "retract" else None)
             matrices = m.matrix_shape(p_loc.shape)
             mshape = tuple(matrices[-2:])
-            state = self.state[p] if p in self.state else {}
+            state = self.state.get(p)  # (a defaultdict: a lookup must not create the entry)
+            if state is None:
+                state = {}
             master = p.dtype in F._LOW_PRECISION and group["master_weights"] is not False
             key = (mshape, p.dtype, p.device, type(m), m.metric, m.ndim, retraction, master,
                    self._bucket_tag(group, state), layout)

@@ -30,7 +30,7 @@ from .. import functional as F
 from .. import kernels as _kernels
 from .._geoopt import Manifold
 from .._geoopt import geoopt as _geoopt
-from ..manifolds import MatrixManifold, Stiefel, as_manifold, is_stiefel
+from ..manifolds import MatrixManifold, Stiefel, as_manifold, is_matrix_manifold, is_stiefel
 
 __all__ = ["BACKENDS", "STEP_FUNCTIONS", "register_step", "step_function", "param_manifold", "is_foreign", "Bucket",
            "PLAIN", "nonfinite_matrices", "nonfinite_message", "compute_dtype"]
@@ -130,8 +130,8 @@ def is_foreign(manifold) -> bool:
     """True for a geoopt ``Manifold`` the package does not step in batches: neither geoopt's plain
     ``Euclidean``, nor a :class:`~stiefel_opt.manifolds.MatrixManifold`, nor the Stiefel manifold our
     ``Stiefel`` reproduces exactly (:func:`~stiefel_opt.manifolds.is_stiefel`)."""
-    return (isinstance(manifold, Manifold) and type(manifold) is not _geoopt.Euclidean
-            and not isinstance(manifold, MatrixManifold) and not is_stiefel(manifold))
+    return (not is_matrix_manifold(manifold) and isinstance(manifold, Manifold)
+            and type(manifold) is not _geoopt.Euclidean and not is_stiefel(manifold))
 
 
 def param_manifold(group: dict, p: Tensor, point_set: bool = False):
@@ -145,9 +145,13 @@ def param_manifold(group: dict, p: Tensor, point_set: bool = False):
     if m is not None:
         return m
     pm = getattr(p, "manifold", None)
-    if point_set and isinstance(pm, _GeooptStiefel) and not isinstance(pm, MatrixManifold):
+    if pm is None:
+        return None
+    if is_matrix_manifold(pm):
+        return pm
+    if point_set and isinstance(pm, _GeooptStiefel):
         return Stiefel(metric="canonical" if isinstance(pm, _GeooptCanonical) else "euclidean", ndim=pm.ndim)
-    if isinstance(pm, MatrixManifold) or is_stiefel(pm):
+    if is_stiefel(pm):
         return as_manifold(pm)
     return pm if is_foreign(pm) else None
 
@@ -189,7 +193,7 @@ class Bucket:
     """
 
     __slots__ = ("owners", "params", "grads", "states", "counts", "names", "mshape", "geometry", "retraction",
-                 "master", "cdtype", "layout")
+                 "master", "cdtype", "layout", "whole")
 
     def __init__(self, geometry: MatrixManifold, mshape: tuple, cdtype: torch.dtype, *, layout=None,
                  retraction: str | None = None, master: bool = False):
@@ -205,6 +209,7 @@ class Bucket:
         self.layout = layout
         self.retraction = retraction
         self.master = master
+        self.whole = True  # every parameter is one matrix, its own (to_matrix gives it back as is)
 
     def add(self, owner: Tensor, local: Tensor, grad: Tensor, state: dict, name, matrices=None) -> None:
         """Add a parameter: its local shard and gradient, its state dict, its ``name`` for messages (a
@@ -215,7 +220,9 @@ class Bucket:
         self.grads.append(grad)
         self.states.append(state)
         self.names.append(name)
-        self.counts.append(math.prod((self.geometry.matrix_shape(local.shape) if matrices is None else matrices)[:-2]))
+        matrices = self.geometry.matrix_shape(local.shape) if matrices is None else matrices
+        self.counts.append(math.prod(matrices[:-2]))
+        self.whole = self.whole and len(matrices) == 2 and self.geometry.to_matrix(local) is local
 
     def name(self, i: int) -> str:
         """The ``i``-th parameter's name, for messages."""
@@ -239,19 +246,18 @@ class Bucket:
         """(B, n, p) stack of the matrices of ``tensors`` (parameters, gradients or parameter-shaped
         state), in ``dtype`` (default: the bucket's compute dtype); plain matrices are stacked
         without reshapes."""
-        mats = [self.geometry.to_matrix(t) for t in tensors]
-        if len(mats) == 1:
-            stack = mats[0].reshape(-1, *self.mshape)
-        elif all(m.dim() == 2 for m in mats):
-            stack = torch.stack(mats)
+        if len(tensors) == 1:
+            stack = self.geometry.to_matrix(tensors[0]).reshape(-1, *self.mshape)
+        elif self.whole:
+            stack = torch.stack(tensors)
         else:
-            stack = torch.cat([m.reshape(-1, *self.mshape) for m in mats])
-        return stack.to(self.cdtype if dtype is None else dtype)
+            stack = torch.cat([self.geometry.to_matrix(t).reshape(-1, *self.mshape) for t in tensors])
+        dtype = self.cdtype if dtype is None else dtype
+        return stack if stack.dtype == dtype else stack.to(dtype)
 
     def unstack_into(self, dst: list[Tensor], stack: Tensor) -> None:
         """Copy a (B, n, p) stack back into the tensors it was stacked from (cast to their dtype)."""
-        inner = stack.shape[1:]
-        if len(dst) == len(stack) and all(t.shape == inner for t in dst):
+        if self.whole:
             torch._foreach_copy_(dst, stack.unbind(0))
             return
         parts = [self.geometry.from_matrix(c.reshape(self.geometry.matrix_shape(t.shape)), t.shape)
@@ -271,11 +277,13 @@ class Bucket:
         """
         shape = (1, 1) if scalar else shape
         mshape = self.mshape if shape is None else tuple(shape)
-        ts = [s.get(key) for s in self.states]
-        if not all(t is not None for t in ts):
-            return None if init is None else init()
-        for i, t in enumerate(ts):
-            if tuple(t.shape) != self.state_shape(i, shape=shape):
+        ts = []
+        for i, s in enumerate(self.states):
+            t = s.get(key)
+            if t is None:
+                return None if init is None else init()
+            ts.append(t)
+            if t.shape != (self.params[i].shape if shape is None else self.state_shape(i, shape=shape)):
                 raise ValueError(
                     f"state[{key!r}] of {self.name(i)} has shape {tuple(t.shape)}, but the parameter "
                     f"needs {self.state_shape(i, shape=shape)}: was the parameter resized? Drop its state "
