@@ -107,7 +107,7 @@ class _ProductFloor:
     The association is the one the installed package takes at this shape
     (``functional._landing_association``; a package without it has the thin one of six products,
     Xᵀ[X G], [G X]·C, UᵀX, UᵀU, X·K_X, U·K_U: 16np² flops a matrix):
-    ``small`` (p ≤ 32): the six of the thin one above; ``thin``: XᵀX, GᵀX, G·C, X·C, DᵀX, D·C, X·C
+    ``small`` (p ≤ 32, in earlier versions, which formed no Λ there): the six of the thin one above; ``thin``: XᵀX, GᵀX, G·C, X·C, DᵀX, D·C, X·C
     (14np²); ``square`` (n = p): XXᵀ, GXᵀ, W·X, DXᵀ,
     B·X (10n³); ``mid``: XᵀX, GXᵀ, W·X, DXᵀ, B·X, X·C (8n²p + 4np²)."""
 

@@ -38,7 +38,7 @@ from .stiefel import (CANONICAL, EUCLIDEAN, METRICS, CanonicalMetric, EuclideanM
                       random_point, skew, sym, transport)
 from .coefficients import (adam_bias_corrections, combination_gram, frobenius_from_gram, landing_coefficients,
                            polar_coefficients, rgrad_coefficient, transport_coefficient)
-from .landing import _SMALL_P, _landing_association, landing_field, landing_plan, relative_tangent, safe_step
+from .landing import _landing_association, landing_field, landing_plan, relative_tangent, safe_step
 from .rite import (rite_basis, rite_escaped_mass, rite_first_moment, rite_inv_root, rite_transport,
                    rite_unmagnified_gram, rite_update)
 from .steps import (AdamRule, MomentumRule, land_safely, landing_adam_update, landing_sgd_update, retract_and_transport,

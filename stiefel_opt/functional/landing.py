@@ -57,7 +57,8 @@ def landing_plan(xtx: Tensor, c_a: Tensor, c_x: Tensor, aa: Tensor, xta: Tensor,
                  lam: float, safe_eps: float) -> tuple[Tensor, Tensor]:
     """p×p (K_X, K_A) with X⁺ = X − ηΛ = X·K_X + A·K_A for Λ = A·C_A + X·C_X, from the Grams XᵀX,
     AᵀA, XᵀA: d = ‖XᵀX − I‖_F, a = ‖Λ‖_F (:func:`frobenius_from_gram`), the per-matrix
-    η = min(lr, η*(d, a)) of :func:`safe_step`; K_X = I − ηC_X, K_A = −ηC_A."""
+    η = min(lr, η*(d, a)) of :func:`safe_step`; K_X = I − ηC_X, K_A = −ηC_A. The fused kernels'
+    form of the step (a Gram pass, then an apply pass; no pass over Λ)."""
     eye = _eye_like(xtx)
     dist = torch.linalg.matrix_norm(xtx - eye, keepdim=True)
     a2 = _frobenius_sq_from_gram(c_a, c_x, aa, xta, xtx, keepdim=True)
@@ -65,25 +66,21 @@ def landing_plan(xtx: Tensor, c_a: Tensor, c_x: Tensor, aa: Tensor, xta: Tensor,
     return torch.addcmul(eye, neg_eta, c_x), c_a * neg_eta
 
 
-#: Largest p for which the thin landing step never forms Λ (``"small"`` in :func:`_landing_association`).
-_SMALL_P = 32
-
-
 def _landing_association(n: int, p: int, rows: Rows = LOCAL) -> str:
     """How the landing steps associate their products for a tall n×p X (n ≥ p), by cost:
 
-    - ``"small"`` (p ≤ :data:`_SMALL_P`): p×p Grams XᵀX, GᵀX, DᵀX, DᵀD and X⁺ = X·K_X + D·K_D
-      (:func:`landing_plan`), Λ never formed: 8np² multiply-adds a landing Adam step, and no pass
-      over Λ, which costs more than its products at small p;
-    - ``"thin"``: XᵀX, GᵀX, DᵀX, Λ = D·C_D + X·C_X formed (‖Λ‖_F and X − ηΛ in two passes): 7np²;
+    - ``"thin"``: p×p Grams XᵀX, GᵀX, DᵀX and Λ = D·C_D + X·C_X formed (‖Λ‖_F and X − ηΛ in two
+      passes): 7np² multiply-adds a landing Adam step. At every p it was timed against forming
+      X⁺ = X·K_X + D·K_D from the Grams alone (:func:`landing_plan`, the fused kernels' form: no pass
+      over Λ, but twice the p×p work and a DᵀD Gram), it was faster, from 4×(512×4) to 16×(4096×32);
     - ``"square"`` (n = p): n×n products, Λ = (skew(DXᵀ) + λ(XXᵀ − I))X, 5n³
       (‖XXᵀ − I‖_F = ‖XᵀX − I‖_F for square X);
     - ``"mid"`` (p < n < 5p/4): skew(GXᵀ)X and skew(DXᵀ)X with XᵀX for the distance and the
       normal term, 4n²p + 2np² < 7np².
-    On row shards (``rows.sharded``) always a Gram route (an n×n product would need every shard's rows).
+    On row shards (``rows.sharded``) always the Gram route (an n×n product would need every shard's rows).
     """
     if rows.sharded or 4 * n >= 5 * p:
-        return "small" if p <= _SMALL_P else "thin"
+        return "thin"
     return "square" if n == p else "mid"
 
 
@@ -92,12 +89,6 @@ def _tangent_term(x: Tensor, g: Tensor, lam: float = 0.0, *, rows: Rows = LOCAL)
     (λ = 0: the tangent term alone), associated as :func:`_landing_association` says (XᵀX is
     returned on the Gram routes only)."""
     route = _landing_association(*x.shape[-2:], rows)
-    if route == "small":  # one Gram Xᵀ[X G] and one product [X G]·C: fewest calls at small p
-        p = x.shape[-1]
-        xg = torch.cat([x, g], dim=-1)
-        s = gram(x, xg, rows=rows)
-        c_g, c_x = landing_coefficients(s[..., :p], s[..., p:].transpose(-1, -2), lam)
-        return xg @ torch.cat([c_x, c_g], dim=-2), s[..., :p]
     if route == "thin":  # no copy of [X G]: two Grams, G·C_G then += X·C_X in place
         xtx = gram(x, x, rows=rows)
         c_g, c_x = landing_coefficients(xtx, gram(g, x, rows=rows), lam)
@@ -122,12 +113,6 @@ def _land(x: Tensor, u: Tensor, xtx: Tensor | None, scale: float, *, lr: float, 
     ⟨R(V), X(XᵀX − I)⟩ = 0 for any V, which keeps the safe-step bound valid. ``xtx``: XᵀX from
     :func:`_tangent_term` (None on the n×n routes). Associated as :func:`_landing_association` says."""
     route = _landing_association(*x.shape[-2:], rows)
-    if route == "small":  # X⁺ = X·K_X + U·K_U from the Grams UᵀX, UᵀU (landing_plan)
-        utx = gram(u, x, rows=rows)
-        c_u, c_x = landing_coefficients(xtx, utx, lam, scale)
-        k_x, k_u = landing_plan(xtx, c_u, c_x, gram(u, u, rows=rows), utx.transpose(-1, -2), lr=lr,
-                                lam=lam, safe_eps=safe_eps)
-        return (x @ k_x).add_(u @ k_u)
     if route == "thin":
         # Λ = U·(½s XᵀX) + X·(λ(XᵀX − I) − ½s UᵀX) (landing_coefficients): two n×p-by-p×p products
         c_u, c_x = landing_coefficients(xtx, gram(u, x, rows=rows), lam, scale)

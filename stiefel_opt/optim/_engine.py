@@ -93,6 +93,20 @@ def _compiled(name: str) -> Callable:
     return step
 
 
+_PICKS_FUSED: dict[tuple, bool] = {}
+
+
+def _picks_fused(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``"auto"`` runs the fused kernels on a stack on ``device`` in ``dtype`` (fixed for the
+    process: CUDA, a supported dtype, triton installed); asked per bucket per step, so remembered
+    (a dict, not functools.cache, which torch.compile warns about when it traces a step)."""
+    key = (device, dtype)
+    if key not in _PICKS_FUSED:
+        like = torch.empty(0, device=device, dtype=dtype)
+        _PICKS_FUSED[key] = _kernels.resolve_backend("auto", like, like) == "triton"
+    return _PICKS_FUSED[key]
+
+
 def step_function(name: str, backend: str = "auto", compile: bool = False, like: Tensor | None = None) -> Callable:
     """The batched step function ``name`` for ``backend`` (the optimizers' one dispatch point).
 
@@ -111,7 +125,7 @@ def step_function(name: str, backend: str = "auto", compile: bool = False, like:
             return torch_fn
         if like is None:
             return _kernels.auto_dispatch(torch_fn, fused)
-        return fused if _kernels.resolve_backend("auto", like, like) == "triton" else torch_fn
+        return fused if _picks_fused(like.device, like.dtype) else torch_fn
     if backend == "triton" and fused is None:
         raise ValueError(
             f"backend='triton': no fused kernel for the {name!r} step yet (fused: "
