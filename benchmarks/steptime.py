@@ -44,10 +44,12 @@ SCALE_N = {"p": 16, "n": (256, 512, 1024, 2048, 4096, 8192, 16384)}
 SCALE_P = {"n": 4096, "p": (4, 8, 16, 32, 64, 128, 256)}
 SCALE_P_TO_N = {"n": 512, "p": (4, 8, 16, 32, 64, 128, 256, 512)}
 SCALE_SQUARE = {"n=p": (32, 64, 128, 256, 512)}
+SCALE_COUNT = {"n": 512, "p": 4, "count": (1, 2, 4, 8, 16, 32)}  # how many matrices, at the thinnest point
 QUICK_SCALE_N = {"p": 16, "n": (256, 2048, 16384)}
 QUICK_SCALE_P = {"n": 4096, "p": (4, 32, 256)}
 QUICK_SCALE_P_TO_N = {"n": 512, "p": (4, 64, 512)}
 QUICK_SCALE_SQUARE = {"n=p": (64, 256, 512)}
+QUICK_SCALE_COUNT = {"n": 512, "p": 4, "count": (1, 4, 16)}
 FLOOR = "LandingAdam's matrix products alone"
 SCALING = ("torch Adam (foreach, unconstrained)", "LandingAdam", "RiemannianAdam", "geoopt RiemannianAdam", FLOOR)
 BEFORE = " (before)"
@@ -238,12 +240,15 @@ def run(quick: bool = False, out: Path = Path("results/steptime"), before: Path 
     over_p = scaling("p", QUICK_SCALE_P if quick else SCALE_P, device, warmup, repeats)
     over_pn = scaling("p", QUICK_SCALE_P_TO_N if quick else SCALE_P_TO_N, device, warmup, repeats)
     over_sq = scaling("n=p", QUICK_SCALE_SQUARE if quick else SCALE_SQUARE, device, warmup, repeats)
+    over_k = scaling("count", QUICK_SCALE_COUNT if quick else SCALE_COUNT, device, warmup, repeats)
+    overs = [over_n, over_p, over_pn, over_sq, over_k]
     data = {"device": header, "quick": quick, "warmup": warmup, "repeats": repeats, "results": results,
-            "scaling_n": over_n, "scaling_p": over_p, "scaling_p_to_n": over_pn, "scaling_square": over_sq}
+            "scaling_n": over_n, "scaling_p": over_p, "scaling_p_to_n": over_pn, "scaling_square": over_sq,
+            "scaling_count": over_k}
     write_json(out / "steptime.json", data)
     table = markdown_table(rows)
     scale_n, scale_p = scaling_table(over_n), scaling_table(over_p)
-    scale_pn, scale_sq = scaling_table(over_pn), scaling_table(over_sq)
+    scale_pn, scale_sq, scale_k = scaling_table(over_pn), scaling_table(over_sq), scaling_table(over_k)
     write_markdown(out / "steptime.md", "Optimizer step time", [
         "Median ms per `step()` with fixed gradients; ratios measured side by side in one process. "
         "`÷ torch Adam`: this step / torch Adam(foreach) on unconstrained parameters of the same shapes. "
@@ -258,25 +263,26 @@ def run(quick: bool = False, out: Path = Path("results/steptime"), before: Path 
         scale_pn,
         f"## Square matrices ({COUNT} matrices n × n)",
         scale_sq,
+        f"## Scaling over the number of matrices ({over_k['fixed']['n']} × {over_k['fixed']['p']})",
+        "The fixed cost of a step (one bucket: its stacking, checks and certificates) against geoopt's "
+        "per-matrix loop.",
+        scale_k,
         "## geoopt RiemannianAdam ÷ this, every scaling point",
         "Speed-up over geoopt's RiemannianAdam measured side by side at each point of the tables above "
         "(> 1: faster than geoopt); `÷ floor`: LandingAdam ÷ its matrix products alone.",
-        geoopt_table([over_n, over_p, over_pn, over_sq]),
+        geoopt_table(overs),
     ], device=device.type)
     _plot(results, out / "steptime.png", header)
-    for over, stem in ((over_n, "n"), (over_p, "p"), (over_pn, "p_to_n"), (over_sq, "square")):
+    for over, stem in zip(overs, ("n", "p", "p_to_n", "square", "count")):
         x = over["axis"]
         fixed = ", ".join(f"{k} = {v}" for k, v in over["fixed"].items()) or "n = p"
+        count = "" if x == "count" else f"{COUNT} matrices, "
         plot_lines(out / f"steptime_scaling_{stem}.png",
                    {name: (over["values"], ms) for name, ms in over["ms"].items()},
-                   f"{COUNT} matrices, {fixed}; {device.type}, {torch.get_num_threads()} thread(s)", x, "ms per step", logx=True, logy=True)
+                   f"{count}{fixed}; {device.type}, {torch.get_num_threads()} thread(s)", x, "ms per step", logx=True, logy=True)
     print(header)
-    print(table)
-    print(scale_n)
-    print(scale_p)
-    print(scale_pn)
-    print(scale_sq)
-    print(geoopt_table([over_n, over_p, over_pn, over_sq]))
+    for text in (table, scale_n, scale_p, scale_pn, scale_sq, scale_k, geoopt_table(overs)):
+        print(text)
     return data
 
 
@@ -286,8 +292,8 @@ def scaling(axis: str, grid: dict, device, warmup: int, repeats: int, names=SCAL
     names = _with_before(names)
     ms = {name: [] for name in names}
     for v in progress(grid[axis], desc=f"steptime scaling over {axis}"):
-        shape = {**fixed, **{k: v for k in axis.split("=")}}  # axis "n=p": square
-        opts = {name: _make(name, count, shape["n"], shape["p"], device) for name in names}
+        shape = {"count": count, **fixed, **{k: v for k in axis.split("=")}}  # axis "n=p": square
+        opts = {name: _make(name, shape["count"], shape["n"], shape["p"], device) for name in names}
         for res_name, t in _time_round_robin(opts, device, warmup, repeats).items():
             ms[res_name].append(t)
     return {"axis": axis, "values": list(grid[axis]), "fixed": fixed, "count": count, "ms": ms}
@@ -330,10 +336,10 @@ def geoopt_table(overs: list[dict]) -> str:
     rows = []
     for over in overs:
         for i, v in enumerate(over["values"]):
-            shape = {**over["fixed"], **{k: v for k in over["axis"].split("=")}}
+            shape = {"count": over["count"], **over["fixed"], **{k: v for k in over["axis"].split("=")}}
             ms = {name: t[i] for name, t in over["ms"].items()}
             geo = ms["geoopt RiemannianAdam"]
-            row = {"n × p": f"{shape['n']} × {shape['p']}"}
+            row = {"matrices × (n × p)": f"{shape['count']} × ({shape['n']} × {shape['p']})"}
             for tag in ("", BEFORE) if "LandingAdam" + BEFORE in ms else ("",):
                 row["RiemannianAdam" + tag] = f"{geo / ms['RiemannianAdam' + tag]:.2f}"
                 row["LandingAdam" + tag] = f"{geo / ms['LandingAdam' + tag]:.2f}"

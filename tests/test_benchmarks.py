@@ -149,6 +149,21 @@ def test_steptime_scaling_times_every_optimizer_at_every_point():
     assert len(lines) == 4 and lines[2].startswith("| 8 |") and lines[2].count("×)") == len(steptime.SCALING) - 1
 
 
+def test_steptime_scaling_over_the_number_of_matrices_builds_that_many():
+    from benchmarks import steptime
+
+    made = []
+    real = steptime._make
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(steptime, "_make", lambda name, count, n, p, device: made.append((count, n, p)) or real(
+            name, count, n, p, device))
+        over = steptime.scaling("count", {"n": 9, "p": 2, "count": (1, 3)}, torch.device("cpu"), 1, 2)
+    assert {m for m in made} == {(1, 9, 2), (3, 9, 2)}
+    assert over["values"] == [1, 3] and over["fixed"] == {"n": 9, "p": 2}
+    rows = steptime.geoopt_table([over]).strip().split("\n")[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["1 × (9 × 2)", "3 × (9 × 2)"]
+
+
 def _fake_finetune(monkeypatch, finetune, val_best=1e-3, test_best=1e-2, diverge=()):
     """Replace model loading and training: validation accuracy peaks at ``val_best``, test accuracy at
     ``test_best``; (method, lr) pairs in ``diverge`` diverge. Returns the list of trained runs."""
