@@ -215,8 +215,8 @@ def _tall_all(x: Tensor, *others: Tensor | None, rows: Rows = LOCAL) -> tuple[bo
 def _accumulates_slowly(a: Tensor, b: Tensor) -> bool:
     """Whether adding A B into C is faster as a product then an add than as one ``baddbmm``: on CPU
     with a small k×r right factor B (k·r ≤ 16, or ≤ 64 over ≥ 8192 rows in all), where a baddbmm
-    with β ≠ 0 was measured 1.5–3× slower than ``bmm`` + ``add_`` (``benchmarks/kernels``' thin
-    products; from k·r ≥ 256 the single baddbmm is the faster one)."""
+    with β ≠ 0 was measured 1.05–3× slower than a product + ``add_``, and from k·r ≥ 256 1.3–3.4×
+    faster (``python -m benchmarks products``). CUDA keeps the single baddbmm (not timed there)."""
     size = b.shape[-1] * b.shape[-2]
     return a.is_cpu and (size <= 16 or (size <= 64 and a.numel() >= 8192 * a.shape[-1]))
 
@@ -256,8 +256,8 @@ def _mm_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
 
 
 def _mm_add_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
-    """out ← out + alpha·A B in place (one baddbmm_ over flattened batch dims; ``out`` contiguous,
-    freshly computed by the caller), returned."""
+    """out ← out + alpha·A B in place (one baddbmm_ over flattened batch dims, or a product then an
+    add: :func:`_accumulates_slowly`; ``out`` contiguous, freshly computed by the caller), returned."""
     if out.dim() == 2:
         return out.addmm_(a, b, alpha=alpha)
     a3, b3 = _as_bmm(a, b)

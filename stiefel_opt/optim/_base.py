@@ -287,8 +287,7 @@ class StiefelOptimizer:
         x_new, bad = self._attempt(group, b, fn, x, g, stacks)
         if bad is None:
             any_bad, any_stalled = True, False
-        elif self._may_stall(b):
-            bad = _dist.agree(bad, b.layout)
+        elif self._may_stall(b):  # (whole matrices: no shards to agree with)
             unmoved = self._unmoved(x, x_new)
             any_bad = any_stalled = bool((bad | unmoved).any())  # the one host sync
             if any_bad:  # tell the two apart
