@@ -28,6 +28,32 @@ def test_stack_and_unstack_are_inverse_through_the_geometry(geometry, shapes):
     assert all(torch.equal(a, t) for a, t in zip(out, ts))
 
 
+class _StoredTransposed(so.Stiefel):
+    """Square points whose matrix is their transpose: to_matrix keeps the shape but is not the identity."""
+
+    def to_matrix(self, x):
+        return x.mT
+
+    def from_matrix(self, m, shape):
+        return m.mT.reshape(shape)
+
+
+@pytest.mark.parametrize("geometry,whole", [(so.Stiefel(), True), (_StoredTransposed(), False), (so.Oblique(), False)])
+def test_a_bucket_stacks_parameters_as_they_are_only_when_the_layout_gives_them_back(geometry, whole):
+    """Same-shape 2-D parameters: a whole bucket stacks them as they are; a layout that maps a matrix
+    to another tensor of the same shape (here its transpose) still goes through to_matrix/from_matrix."""
+    ts = [torch.randn(4, 4) for _ in range(3)]
+    b = Bucket(geometry, tuple(geometry.matrix_shape((4, 4))[-2:]), torch.float32)
+    for t in ts:
+        b.add(t, t, t, {}, "p")
+    assert b.whole is whole
+    stack = b.stack(ts)
+    assert torch.equal(stack, torch.cat([geometry.to_matrix(t).reshape(-1, *b.mshape) for t in ts]))
+    out = [torch.empty_like(t) for t in ts]
+    b.unstack_into(out, stack)
+    assert all(torch.equal(a, t) for a, t in zip(out, ts))
+
+
 @pytest.mark.parametrize("geometry", [so.Stiefel(), so.Oblique()])
 def test_assigned_state_is_a_view_reused_until_an_entry_is_replaced(geometry):
     ts = [torch.randn(6, 3), torch.randn(6, 3)]
