@@ -131,3 +131,14 @@ def test_optimizers_own_full_defaults_and_groups_take_them(cls, extra):
         assert opt.defaults[k] == v
     opt.add_param_group({"params": [w]})
     assert {k: opt.param_groups[1][k] for k in opt.defaults} == {**opt.defaults, "manifold": None}
+
+
+def test_a_missing_state_entry_reinitializes_whatever_the_order_of_the_entries():
+    """stacked(): when an entry is missing the stack is re-initialized, before any shape is checked
+    (so a mis-shaped entry next to a missing one does not raise, whichever comes first)."""
+    ts = [torch.randn(6, 3), torch.randn(6, 3)]
+    for states in ([{"m": torch.zeros(2, 2)}, {}], [{}, {"m": torch.zeros(2, 2)}]):
+        b = Bucket(so.Stiefel(), (6, 3), torch.float32)
+        for t, s in zip(ts, states):
+            b.add(t, t, t, s, "p")
+        assert b.stacked("m", init=lambda: "fresh") == "fresh"

@@ -494,3 +494,46 @@ def test_product_accumulation_is_beta_c_plus_alpha_ab_on_either_path(lead, n, k,
         out = c.clone()
         assert _mm_add_(out, a, b, alpha=-1.5) is out
         torch.testing.assert_close(out, want + 0.5 * c, rtol=1e-12, atol=1e-12)
+
+
+def test_product_accumulation_with_beta_zero_ignores_c():
+    """β = 0 leaves C out entirely (a NaN in C does not reach the result), on both paths."""
+    from stiefel_opt.functional.layout import _accumulates_slowly, _bmm_add
+    gen = torch.Generator().manual_seed(0)
+    for k in (4, 16):
+        a, b = torch.randn(6, 50, k, generator=gen), torch.randn(k, k, generator=gen)
+        c = torch.randn(6, 50, k, generator=gen)
+        c[2, 3, 1] = float("nan")
+        out = _bmm_add(c, a, b, beta=0.0, alpha=-0.5)
+        assert _accumulates_slowly(a, b) == (k == 4)
+        torch.testing.assert_close(out, -0.5 * (a @ b))
+
+
+def test_coefficient_forms_broadcast_and_promote_like_their_formulas():
+    """landing_coefficients and frobenius_from_gram on a p×p XᵀX shared by a batch of GᵀX, in mixed
+    dtypes: the formulas' broadcasting and type promotion."""
+    gen = torch.Generator().manual_seed(1)
+    xtx = F.sym(torch.randn(3, 3, generator=gen)).float()
+    gtx = torch.randn(5, 3, 3, generator=gen, dtype=torch.float64)
+    c_g, c_x = F.landing_coefficients(xtx, gtx, 0.7, 0.3)
+    assert c_x.shape == (5, 3, 3) and c_x.dtype == torch.float64
+    torch.testing.assert_close(c_g, 0.15 * xtx)
+    torch.testing.assert_close(c_x, 0.7 * (xtx - torch.eye(3)) - 0.15 * gtx)
+    a, b = torch.randn(5, 20, 3, generator=gen, dtype=torch.float64), torch.randn(5, 20, 3, generator=gen,
+                                                                                dtype=torch.float64)
+    a = a[:1].expand(5, 20, 3)  # one A for the whole batch: its Gram and coefficient given 2-D
+    c_a, c_b = torch.randn(3, 3, generator=gen, dtype=torch.float64), torch.randn(5, 3, 3, generator=gen,
+                                                                                  dtype=torch.float64)
+    got = F.frobenius_from_gram(c_a, c_b, a[0].mT @ a[0], b.mT @ a, b.mT @ b)
+    torch.testing.assert_close(got, torch.linalg.matrix_norm(a @ c_a + b @ c_b))
+
+
+def test_landing_step_takes_a_tensor_lr_as_torch_compile_passes_it():
+    gen = torch.Generator().manual_seed(2)
+    x = F.random_point(3, 40, 5, generator=gen)
+    g = torch.randn(3, 40, 5, generator=gen)
+    outs = []
+    for lr in (0.01, torch.tensor(0.01)):
+        m, v = torch.zeros(3, 40, 5), torch.zeros(3, 40, 5)
+        outs.append(F.landing_adam_update(x, g, m, v, step=1, lr=lr))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

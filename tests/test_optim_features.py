@@ -308,13 +308,16 @@ def test_hf_trainer_accepts_optimizers(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("cls,kw", [(LandingAdam, dict(lr=0.05, amsgrad=True)),
-                                    (RiemannianSGD, dict(lr=0.05, momentum=0.9, nesterov=True))],
-                         ids=["LandingAdam", "RiemannianSGD"])
-def test_compile_option_matches_eager_without_recompiling(cls, kw):
+@pytest.mark.filterwarnings("ignore:`torch._prims_common.check` is deprecated:FutureWarning")  # inductor's own
+@pytest.mark.parametrize("cls,kw,whole_graph", [(LandingAdam, dict(lr=0.05, amsgrad=True), True),
+                                                (RiemannianAdam, dict(lr=0.05), True),
+                                                (RiemannianSGD, dict(lr=0.05, momentum=0.9, nesterov=True), False)],
+                         ids=["LandingAdam", "RiemannianAdam", "RiemannianSGD"])
+def test_compile_option_matches_eager_without_recompiling(cls, kw, whole_graph):
     """compile=True: the same steps as eager to rounding, over a changing lr (a schedule) and two
     shapes; once the first steps have compiled (static, then dynamic shapes; momentum buffer absent,
-    then present), new lr and step values compile nothing."""
+    then present), new lr and step values compile nothing. The Adam steps compile without a graph
+    break (the lr and bias corrections are 0-d tensors there: no Python number may be read off them)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -336,11 +339,14 @@ def test_compile_option_matches_eager_without_recompiling(cls, kw):
             graphs.append(counters["stats"]["unique_graphs"])
         return [x.detach().clone() for x in xs], graphs
 
+    counters.clear()
     compiled, graphs = run(True)
     assert graphs[0] >= 1 and graphs[-1] == graphs[2]
+    assert not whole_graph or not counters["graph_break"], dict(counters["graph_break"])
     eager, _ = run(False)
+    atol = 5e-6 if cls is RiemannianAdam else 1e-6  # compiled, the polar factor takes the eigh route
     for c, e in zip(compiled, eager):
-        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=atol)
         assert float(F.distance(c).max()) < 0.5
 
 

@@ -18,13 +18,11 @@ def landing_coefficients(xtx: Tensor, gtx: Tensor, lam: float = 1.0, scale: floa
 
     For fused kernels that read [X G] once for the Gram blocks and once to apply C.
     """
-    half = 0.5 * scale
+    half = 0.5 * scale  # a 0-d tensor under torch.compile (the step's bias corrections): no alpha=
     if lam == 0:
         return half * xtx, -half * gtx
     gap = xtx - _eye_like(xtx)
-    if lam != 1:
-        gap.mul_(lam)
-    return half * xtx, gap.sub_(gtx, alpha=half)
+    return half * xtx, (gap if lam == 1 else lam * gap) - half * gtx
 
 
 def polar_coefficients(gram: Tensor) -> Tensor:
@@ -80,5 +78,5 @@ def _frobenius_sq_from_gram(c_a: Tensor, c_b: Tensor, aa: Tensor, ba: Tensor, bb
     """‖A·C_A + B·C_B‖²_F ≥ 0 (:func:`frobenius_from_gram` before its square root)."""
     # tr(MᵀGM') = ⟨M, G·M'⟩ and ⟨C_B, BᵀA·C_A⟩ = ⟨AᵀB·C_B, C_A⟩:
     # ⟨C_A, AᵀA·C_A + 2AᵀB·C_B⟩ + ⟨C_B, BᵀB·C_B⟩, three p×p products
-    inner = (aa @ c_a).add_(ba.transpose(-1, -2) @ c_b, alpha=2.0)
+    inner = torch.add(aa @ c_a, ba.transpose(-1, -2) @ c_b, alpha=2.0)
     return torch.addcmul(c_a * inner, c_b, bb @ c_b).sum((-2, -1), keepdim=keepdim).clamp_min_(0.0)

@@ -50,7 +50,11 @@ def _safe_step_sq(d: Tensor, a2: Tensor, lam: float, eps: float, lr: float = mat
     if lam != 1:
         lin.mul_(lam)
     num = torch.addcmul(lin * lin, a2, torch.rsub(d, eps).clamp_min_(0.0)).sqrt_().add_(lin)
-    return num.div_(a2.clamp_min(torch.finfo(a2.dtype).tiny)).clamp_max_(min(lr, 1.0 / (2.0 * lam)))
+    eta = num.div_(a2.clamp_min(torch.finfo(a2.dtype).tiny))
+    cap = 1.0 / (2.0 * lam)
+    if isinstance(lr, (int, float)):  # one clamp; a tensor lr (torch.compile's, or one per matrix) a second
+        return eta.clamp_max_(min(lr, cap))
+    return eta.clamp_max_(cap).clamp_max_(lr)
 
 
 def landing_plan(xtx: Tensor, c_a: Tensor, c_x: Tensor, aa: Tensor, xta: Tensor, *, lr: float,

@@ -238,7 +238,9 @@ def _bmm_add(c: Tensor | None, a: Tensor, b: Tensor, beta: float = 1.0, alpha: f
         return torch.bmm(a3, b3).mul_(alpha).view(*a.shape[:-2], a.shape[-2], b.shape[-1])
     c3 = c if c.dim() == 3 else c.reshape(-1, *c.shape[-2:])
     if _accumulates_slowly(a, b):
-        out = torch.baddbmm(c3, a3, b3, beta=0.0, alpha=alpha).add_(c3, alpha=beta)
+        out = torch.baddbmm(c3, a3, b3, beta=0.0, alpha=alpha)
+        if not (isinstance(beta, (int, float)) and beta == 0):  # β = 0 ignores C (NaN too), as baddbmm does
+            out.add_(c3, alpha=beta)
     else:
         out = torch.baddbmm(c3, a3, b3, beta=beta, alpha=alpha)
     return out if c.dim() == 3 else out.view(c.shape)

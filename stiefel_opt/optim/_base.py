@@ -292,7 +292,7 @@ class StiefelOptimizer:
             any_bad = any_stalled = bool((bad | unmoved).any())  # the one host sync
             if any_bad:  # tell the two apart
                 stalled = unmoved & ~bad
-                any_bad, any_stalled = bool(bad.any()), bool(stalled.any())
+                any_bad, any_stalled = torch.stack([bad.any(), stalled.any()]).tolist()
         else:
             bad = _dist.agree(bad, b.layout)
             any_bad, any_stalled = bool(bad.any()), False

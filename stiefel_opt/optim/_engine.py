@@ -291,12 +291,10 @@ class Bucket:
         """
         shape = (1, 1) if scalar else shape
         mshape = self.mshape if shape is None else tuple(shape)
-        ts = []
-        for i, s in enumerate(self.states):
-            t = s.get(key)
-            if t is None:
-                return None if init is None else init()
-            ts.append(t)
+        ts = [s.get(key) for s in self.states]
+        if any(t is None for t in ts):
+            return None if init is None else init()
+        for i, t in enumerate(ts):
             if t.shape != (self.params[i].shape if shape is None else self.state_shape(i, shape=shape)):
                 raise ValueError(
                     f"state[{key!r}] of {self.name(i)} has shape {tuple(t.shape)}, but the parameter "
