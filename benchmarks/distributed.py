@@ -4,9 +4,9 @@ on FSDP2 row shards (p×p all-reduces, ``stiefel_opt.distributed``) vs gather-th
 Computed from shapes, nothing is timed. fp32 (4-byte) parameters, gradients and moments; W ranks
 hold n/W rows each. Per matrix and step:
 
-- sharded landing (LandingAdam): all-reduce of 4 p×p Grams (Xᵀ[X G] as one p×2p message, then
-  DᵀX and DᵀD, from which ‖Λ‖_F follows) and a non-finite flag byte — the count checked by ``tests/test_distributed.py`` with a patched
-  ``dist.all_reduce``. Sharded RiemannianAdam (polar): 5 p×p Grams (two tangent projections, the
+- sharded landing (LandingAdam): all-reduce of 3 p×p Grams (XᵀX, GᵀX, DᵀX), one value (‖Λ‖²_F,
+  summed over the shards) and a non-finite flag byte per matrix — bounded in ``tests/test_distributed.py``
+  with a patched ``dist.all_reduce``. Sharded RiemannianAdam (polar): 5 p×p Grams (two tangent projections, the
   polar Gram, its Newton–Schulz refinement, the transport) and the flag.
 - gather-then-retract: all-gather X and G (n×p each) so every rank steps the whole matrix, then
   keep the local rows (what ``distributed`` does for a matrix split along its short side).
@@ -49,7 +49,7 @@ RITE_GRAMS = 4  # r×r all-reduces per sharded factor and step
 def allreduce_message(p: int, optimizer: str) -> int:
     """Bytes all-reduced per matrix and step on row shards."""
     if optimizer == "landing_adam":
-        return 4 * p * p * ITEM + 1
+        return (3 * p * p + 1) * ITEM + 1
     if optimizer == "riemannian_adam_polar":
         return 5 * p * p * ITEM + 1
     raise ValueError(f"allreduce_message: unknown optimizer {optimizer!r}")
