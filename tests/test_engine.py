@@ -142,3 +142,38 @@ def test_a_missing_state_entry_reinitializes_whatever_the_order_of_the_entries()
         for t, s in zip(ts, states):
             b.add(t, t, t, s, "p")
         assert b.stacked("m", init=lambda: "fresh") == "fresh"
+
+
+class _Tagged(so.Stiefel):
+    """A Stiefel manifold with one more option, recorded in its spec."""
+
+    def __init__(self, tag: int = 0, **kw):
+        super().__init__(**kw)
+        self.tag = tag
+
+    def spec(self) -> dict:
+        return {**super().spec(), "tag": self.tag}
+
+
+@pytest.mark.parametrize("make", [lambda ps: so.RiemannianAdam(ps, lr=1e-2),
+                                  lambda ps: so.riemannian(torch.optim.Adam(ps, lr=1e-2))],
+                         ids=["RiemannianAdam", "riemannian(Adam)"])
+def test_parameters_whose_manifolds_differ_in_any_spec_option_step_in_separate_buckets(monkeypatch, make):
+    from stiefel_opt.optim import _base, wrappers
+
+    made = []
+
+    class Counted(Bucket):
+        __slots__ = ()
+
+        def __init__(self, geometry, *a, **k):
+            made.append(geometry)
+            super().__init__(geometry, *a, **k)
+
+    monkeypatch.setattr(_base, "Bucket", Counted)
+    monkeypatch.setattr(wrappers, "Bucket", Counted)
+    ps = [so.StiefelParameter(F.random_point(6, 3), manifold=_Tagged(tag)) for tag in (1, 2)]
+    for p in ps:
+        p.grad = torch.randn(6, 3)
+    make(ps).step()
+    assert sorted(m.tag for m in made) == [1, 2]

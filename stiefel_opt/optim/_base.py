@@ -32,8 +32,8 @@ from torch.optim.sgd import sgd as _torch_sgd
 from .. import distributed as _dist
 from .. import functional as F
 from ..manifolds import MatrixManifold, as_manifold, is_matrix_manifold, manifold_from_spec
-from ._engine import (STEP_FUNCTIONS, Bucket, check_backend, compute_dtype, is_foreign, nonfinite_matrices,
-                      nonfinite_message, param_manifold, step_function)
+from ._engine import (STEP_FUNCTIONS, Bucket, check_backend, compute_dtype, geometry_key, is_foreign,
+                      nonfinite_matrices, nonfinite_message, param_manifold, step_function)
 from ._foreign import check_foreign, foreign_updates
 
 __all__ = ["StiefelOptimizer", "PackageOptions", "SGDFamily", "AdamFamily", "plain_manifolds"]
@@ -247,8 +247,8 @@ class StiefelOptimizer:
             if state is None:
                 state = {}
             master = p.dtype in F._LOW_PRECISION and group["master_weights"] is not False
-            key = (mshape, p.dtype, p.device, type(m), m.metric, m.ndim, retraction, master,
-                   self._bucket_tag(group, state), layout)
+            key = (mshape, p.dtype, p.device, geometry_key(m), retraction, master, self._bucket_tag(group, state),
+                   layout)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = Bucket(m, mshape, compute_dtype(p.dtype), layout=layout, retraction=retraction,

@@ -33,7 +33,7 @@ from .._geoopt import geoopt as _geoopt
 from ..manifolds import MatrixManifold, Stiefel, as_manifold, is_matrix_manifold, is_stiefel
 
 __all__ = ["BACKENDS", "STEP_FUNCTIONS", "register_step", "step_function", "param_manifold", "is_foreign", "Bucket",
-           "PLAIN", "nonfinite_matrices", "nonfinite_message", "compute_dtype"]
+           "geometry_key", "PLAIN", "nonfinite_matrices", "nonfinite_message", "compute_dtype"]
 
 BACKENDS = ("auto", "torch", "triton")
 """The values of the optimizers' ``backend=`` option: ``"torch"`` (the :mod:`stiefel_opt.functional`
@@ -168,6 +168,12 @@ def param_manifold(group: dict, p: Tensor, point_set: bool = False):
     if is_stiefel(pm):
         return as_manifold(pm)
     return pm if is_foreign(pm) else None
+
+
+def geometry_key(m: MatrixManifold) -> tuple:
+    """What two parameters' geometries must share to step in one bucket: the manifold's class and
+    every option its :meth:`~stiefel_opt.manifolds.MatrixManifold.spec` records."""
+    return (type(m), *m.spec().values())
 
 
 compute_dtype = F._compute_dtype  # the dtype a parameter's manifold math runs in (fp32 for bf16/fp16)

@@ -42,7 +42,7 @@ from .. import distributed as _dist
 from .. import functional as F
 from ..manifolds import MatrixManifold, manifold_from_spec
 from ._base import StiefelOptimizer, plain_manifolds
-from ._engine import Bucket, compute_dtype, nonfinite_matrices, nonfinite_message, param_manifold
+from ._engine import Bucket, compute_dtype, geometry_key, nonfinite_matrices, nonfinite_message, param_manifold
 from ._project import project_stiefel_
 from .landing import MAX_LAM
 
@@ -110,7 +110,7 @@ def _buckets(optimizer, wrap: "_Wrap", items: list) -> list[tuple[Bucket, float 
         matrices = geometry.matrix_shape(x.shape)
         mshape = tuple(matrices[-2:])
         scale = None if wrap.hidden_size is None else math.sqrt(wrap.hidden_size / max(geometry.matrix_shape(p.shape)[-2:]))
-        key = (mshape, p.dtype, p.device, type(geometry), geometry.metric, geometry.ndim, method, layout, scale)
+        key = (mshape, p.dtype, p.device, geometry_key(geometry), method, layout, scale)
         if key not in out:
             out[key] = (Bucket(geometry, mshape, compute_dtype(p.dtype), layout=layout, retraction=method), scale)
         out[key][0].add(p, x, g, optimizer.state.get(p, {}), where, matrices)
