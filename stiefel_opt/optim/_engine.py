@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -163,11 +164,22 @@ def param_manifold(group: dict, p: Tensor, point_set: bool = False):
         return None
     if is_matrix_manifold(pm):
         return pm
-    if point_set and isinstance(pm, _GeooptStiefel):
-        return Stiefel(metric="canonical" if isinstance(pm, _GeooptCanonical) else "euclidean", ndim=pm.ndim)
-    if is_stiefel(pm):
-        return as_manifold(pm)
+    if (point_set and isinstance(pm, _GeooptStiefel)) or is_stiefel(pm):
+        return _ours(pm, point_set)
     return pm if is_foreign(pm) else None
+
+
+_OURS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _ours(pm, point_set: bool) -> MatrixManifold:
+    """Our ``Stiefel`` for a parameter's geoopt Stiefel manifold (see :func:`param_manifold`), made once
+    per geoopt manifold object: the optimizers ask for it per parameter per step."""
+    made = _OURS.setdefault(pm, {})
+    if point_set not in made:
+        made[point_set] = (Stiefel(metric="canonical" if isinstance(pm, _GeooptCanonical) else "euclidean",
+                                   ndim=pm.ndim) if point_set else as_manifold(pm))
+    return made[point_set]
 
 
 def geometry_key(m: MatrixManifold) -> tuple:
